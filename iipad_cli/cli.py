@@ -1,0 +1,40 @@
+"""The `iipad` command line: one thin function per command (in `iipad_cli/commands/`).
+
+Unix conventions (design.md §1): stdout carries only the machine-readable result, progress and
+logs go to stderr; exit code 0 on success, 1 on a runtime error (IipadError, one line, no
+traceback), 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from iipad_cli.errors import IipadError
+from iipad_cli.ui import err_console
+
+app = typer.Typer(
+    name="iipad",
+    help="One-for-all few-shot anomaly detection (IIPAD, ICLR 2025): extract, train, bank, score, metrics.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Importing the command modules registers their commands on `app`.
+from iipad_cli.commands import register_all  # noqa: E402
+
+register_all(app)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except IipadError as error:
+        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
