@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from iipad_cli.config import QFormerConfig
@@ -327,11 +329,9 @@ def load_qformer_state_dict(path: Path) -> dict[str, Tensor]:
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(str(path), device="cpu")
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise IipadError(f"{path}: cannot read the Q-Former checkpoint ({first_line})") from None
     if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
