@@ -1,0 +1,217 @@
+"""Metrics against independent, written-out computations and scikit-learn."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import numpy as np
+import pytest
+from sklearn.metrics import auc, average_precision_score, roc_auc_score
+
+from iipad_cli import metrics
+
+
+def regions_8(mask: np.ndarray) -> list[np.ndarray]:
+    """8-connected components by breadth-first flood fill (independent of scipy)."""
+    seen = np.zeros(mask.shape, dtype=bool)
+    found = []
+    height, width = mask.shape
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        region = np.zeros(mask.shape, dtype=bool)
+        queue = deque([start])
+        seen[start] = True
+        while queue:
+            r, c = queue.popleft()
+            region[r, c] = True
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    rr, cc = r + dr, c + dc
+                    if 0 <= rr < height and 0 <= cc < width and mask[rr, cc] and not seen[rr, cc]:
+                        seen[rr, cc] = True
+                        queue.append((rr, cc))
+        found.append(region)
+    return found
+
+
+def reference_au_pro(maps: list[np.ndarray], masks: list[np.ndarray], limit: float) -> float:
+    """MVTec AU-PRO the slow way: one curve point per distinct threshold, descending."""
+    scores = np.stack([m.astype(np.float64) for m in maps])
+    truth = np.stack(masks).astype(bool)
+    regions = [(i, region) for i, mask in enumerate(truth) for region in regions_8(mask)]
+    negatives = ~truth
+    fprs, pros = [0.0], [0.0]
+    for threshold in np.unique(scores)[::-1]:
+        predicted = scores >= threshold
+        fprs.append((predicted & negatives).sum() / negatives.sum())
+        pros.append(np.mean([(predicted[i] & region).sum() / region.sum() for i, region in regions]))
+    fprs.append(1.0)
+    pros.append(1.0)
+    area = 0.0
+    for k in range(1, len(fprs)):
+        x0, x1, y0, y1 = fprs[k - 1], fprs[k], pros[k - 1], pros[k]
+        if x0 >= limit:
+            break
+        if x1 <= limit:
+            area += (x1 - x0) * (y0 + y1) / 2
+        else:
+            y_limit = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
+            area += (limit - x0) * (y0 + y_limit) / 2
+            break
+    return area / limit
+
+
+def reference_legacy_pro(maps: list[np.ndarray], masks: list[np.ndarray], limit: float = 0.3) -> float:
+    """The released `cal_pro_score`, transcribed with its loop over thresholds."""
+    amaps = np.stack([m.astype(np.float64) for m in maps])
+    truth = np.stack(masks).astype(bool)
+    low, high = amaps.min(), amaps.max()
+    delta = (high - low) / 200
+    pros, fprs = [], []
+    for threshold in np.arange(low, high, delta):
+        binary = amaps > threshold
+        per_region = [
+            binary[i][region].sum() / region.sum() for i, mask in enumerate(truth) for region in regions_8(mask)
+        ]
+        fprs.append(np.logical_and(~truth, binary).sum() / (~truth).sum())
+        pros.append(np.mean(per_region))
+    fprs, pros = np.array(fprs), np.array(pros)
+    keep = fprs < limit
+    kept = fprs[keep]
+    kept = (kept - kept.min()) / (kept.max() - kept.min())
+    return float(auc(kept, pros[keep]))
+
+
+def random_masks(rng: np.random.Generator, count: int, size: int, good: int) -> list[np.ndarray]:
+    """`count` masks with 1-3 rectangular regions each (some touching diagonally), then `good` empty ones."""
+    masks = []
+    for _ in range(count):
+        mask = np.zeros((size, size), dtype=bool)
+        for _ in range(rng.integers(1, 4)):
+            r, c = rng.integers(0, size - 4, 2)
+            h, w = rng.integers(1, 5, 2)
+            mask[r : r + h, c : c + w] = True
+        masks.append(mask)
+    masks += [np.zeros((size, size), dtype=bool) for _ in range(good)]
+    return masks
+
+
+def scored(rng: np.random.Generator, masks: list[np.ndarray], levels: int | None) -> list[np.ndarray]:
+    """Scores shifted up inside the masks; `levels` quantises them to create many ties."""
+    maps = []
+    for mask in masks:
+        score = rng.normal(size=mask.shape) + 1.5 * mask
+        if levels is not None:
+            score = np.round(score * levels / 4)
+        maps.append(score.astype(np.float32))
+    return maps
+
+
+def test_regions_are_8_connected() -> None:
+    mask = np.zeros((6, 6), dtype=bool)
+    mask[1, 1] = mask[2, 2] = True  # diagonal neighbours: one region
+    mask[4, 4] = True
+    assert metrics._region_labels(mask)[1] == 2 == len(regions_8(mask))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("levels", [None, 6, 40])
+def test_au_pro_matches_reference(seed: int, levels: int | None) -> None:
+    rng = np.random.default_rng(seed)
+    masks = random_masks(rng, count=4, size=14, good=2)
+    maps = scored(rng, masks, levels)
+    for limit in (0.3, 0.05, 1.0):
+        assert metrics.au_pro(maps, masks, limit) == pytest.approx(reference_au_pro(maps, masks, limit), abs=1e-6)
+
+
+def test_au_pro_when_fpr_jumps_past_the_limit_in_one_tie() -> None:
+    """Most negatives share one low score, so FPR goes from < 0.3 straight to 1: the cut interpolates."""
+    rng = np.random.default_rng(3)
+    masks = random_masks(rng, count=3, size=12, good=1)
+    maps = []
+    for mask in masks:
+        score = np.where(rng.random(mask.shape) < 0.85, 0.0, rng.integers(1, 9, mask.shape)).astype(np.float32)
+        score[mask] = rng.integers(0, 10, int(mask.sum()))
+        maps.append(score)
+    fpr, _ = metrics.pro_curve(metrics.pixel_counts(maps, masks))
+    assert not np.any((fpr >= 0.3) & (fpr < 0.6))  # no curve point in [0.3, 0.6): a long last segment
+    assert metrics.au_pro(maps, masks) == pytest.approx(reference_au_pro(maps, masks, 0.3), abs=1e-6)
+
+
+def test_good_only_images_add_negatives_only() -> None:
+    rng = np.random.default_rng(4)
+    masks = random_masks(rng, count=2, size=10, good=0)
+    maps = scored(rng, masks, 8)
+    good_masks = [np.zeros((10, 10), dtype=bool) for _ in range(3)]
+    good_maps = scored(rng, good_masks, 8)
+    with_good = metrics.au_pro(maps + good_maps, masks + good_masks)
+    assert with_good == pytest.approx(reference_au_pro(maps + good_maps, masks + good_masks, 0.3), abs=1e-6)
+    assert math.isnan(metrics.au_pro(good_maps, good_masks))
+
+
+def test_au_pro_invariant_to_increasing_transform_and_outlier_but_legacy_is_not() -> None:
+    """AU-PRO depends on the ranking only. Raising the top pixel to 1e6 keeps the ranking, yet it
+    squeezes all 200 legacy thresholds into the lowest bin, which moves the legacy number."""
+    rng = np.random.default_rng(5)
+    masks = random_masks(rng, count=6, size=24, good=4)
+    maps = scored(rng, masks, None)
+    base = metrics.au_pro(maps, masks)
+    transformed = [np.exp(2.0 * m.astype(np.float64)) + m.astype(np.float64) ** 3 for m in maps]
+    assert metrics.au_pro(transformed, masks) == pytest.approx(base, abs=1e-12)
+    with_outlier = [m.copy() for m in maps]
+    image = int(np.argmax([m.max() for m in maps]))
+    with_outlier[image][np.unravel_index(np.argmax(maps[image]), maps[image].shape)] = 1e6
+    assert metrics.au_pro(with_outlier, masks) == pytest.approx(base, abs=1e-12)
+    legacy_before, legacy_after = metrics.legacy_pro(maps, masks), metrics.legacy_pro(with_outlier, masks)
+    assert abs(legacy_before - legacy_after) > 0.05 or math.isnan(legacy_after)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_legacy_pro_matches_released_code_transcription(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    masks = random_masks(rng, count=3, size=16, good=2)
+    maps = scored(rng, masks, None)
+    assert metrics.legacy_pro(maps, masks) == pytest.approx(reference_legacy_pro(maps, masks), abs=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_pixel_auroc_matches_sklearn(dtype: type) -> None:
+    rng = np.random.default_rng(6)
+    masks = random_masks(rng, count=5, size=20, good=3)
+    maps = [m.astype(dtype) for m in scored(rng, masks, 10 if dtype == np.float16 else None)]
+    truth = np.concatenate([m.ravel() for m in masks])
+    flat = np.concatenate([m.ravel().astype(np.float64) for m in maps])
+    assert metrics.pixel_auroc(maps, masks) == pytest.approx(roc_auc_score(truth, flat), abs=1e-9)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_image_metrics_match_sklearn(ties: bool) -> None:
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 2, 300)
+    scores = rng.normal(size=300) + labels
+    if ties:
+        scores = np.round(scores * 2)
+    assert metrics.roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
+    assert metrics.average_precision(labels, scores) == pytest.approx(average_precision_score(labels, scores), abs=1e-9)
+
+
+def test_one_label_gives_nan() -> None:
+    assert math.isnan(metrics.roc_auc(np.ones(5), np.arange(5.0)))
+    assert math.isnan(metrics.average_precision(np.zeros(5), np.arange(5.0)))
+    empty = [np.zeros((4, 4), dtype=bool)]
+    assert math.isnan(metrics.pixel_auroc([np.ones((4, 4))], empty))
+    full = [np.ones((4, 4), dtype=bool)]
+    assert math.isnan(metrics.au_pro([np.arange(16.0).reshape(4, 4)], full))
+
+
+def test_nan_mean_counts_classes() -> None:
+    assert metrics.nan_mean([0.5, math.nan, 1.0]) == (0.75, 2)
+    value, count = metrics.nan_mean([math.nan])
+    assert math.isnan(value) and count == 0
+
+
+def test_mismatched_shapes_rejected() -> None:
+    with pytest.raises(ValueError, match="differs from its mask"):
+        metrics.au_pro([np.zeros((4, 4))], [np.zeros((5, 5), dtype=bool)])
