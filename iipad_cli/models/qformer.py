@@ -344,8 +344,11 @@ def _key_list(keys: list[str], limit: int = 8) -> str:
     return shown if len(keys) <= limit else f"{shown} (+{len(keys) - limit} more)"
 
 
-def load_qformer_weights(model: QFormer, state_dict: dict[str, Tensor], source: Path) -> None:
-    """Strict load; any missing, unexpected or mis-shaped key is reported in one line naming `source`."""
+def validate_qformer_state_dict(model: QFormer, state_dict: dict[str, Tensor], source: Path) -> None:
+    """Refuse, in one line naming `source`, any missing, unexpected or mis-shaped key.
+
+    Needs only the model's key names and shapes, so a model on the meta device will do.
+    """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     extra = sorted(set(state_dict) - set(expected))
@@ -361,4 +364,9 @@ def load_qformer_weights(model: QFormer, state_dict: dict[str, Tensor], source: 
     ]
     if problems:
         raise IipadError(f"{source}: not a Q-Former checkpoint for this backbone; " + "; ".join(problems))
+
+
+def load_qformer_weights(model: QFormer, state_dict: dict[str, Tensor], source: Path) -> None:
+    """Strict load, after `validate_qformer_state_dict` has reported any key problem in one line."""
+    validate_qformer_state_dict(model, state_dict, source)
     model.load_state_dict(state_dict, strict=True)
