@@ -163,6 +163,9 @@ class Preset:
     prompt_templates: Literal["official", "paper"]
     # Sparsification threshold of the token-level alignment weights (eqs. 7, 10).
     token_sparsity: float = 1.0 / 256.0
+    # How L_f combines its four CE terms (normal/abnormal x two directions): "mean" = their mean
+    # (released code), "sum" = L_f^n + L_f^a of eqs. 7 + 10.
+    token_loss_reduction: Literal["mean", "sum"] = "mean"
     dropout: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -212,6 +215,7 @@ PRESETS: dict[str, Preset] = {
         temperature=0.07,
         image_score="paper",
         prompt_templates="paper",
+        token_loss_reduction="sum",
     ),
 }
 
