@@ -117,6 +117,16 @@ def _region_labels(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labelled, int(count)
 
 
+def _slots(values: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per score: index of the first distinct positive value >= it, and whether it is equal."""
+    scores = scores.astype(np.float64)
+    slot = np.searchsorted(values, scores, side="left")
+    is_equal = np.zeros(slot.shape, dtype=bool)
+    inside = slot < values.size
+    is_equal[inside] = values[slot[inside]] == scores[inside]
+    return slot, is_equal
+
+
 def pixel_counts(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> PixelCounts:
     """Stream `maps`/`masks` (any indexable sequences, e.g. lazily decoded) into `PixelCounts`."""
     if len(maps) != len(masks):
@@ -146,13 +156,19 @@ def pixel_counts(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> Pix
 
     between = np.zeros(distinct + 1, dtype=np.int64)  # negatives in (values[j-1], values[j])
     equal = np.zeros(distinct, dtype=np.int64)
+    half_table: tuple[np.ndarray, np.ndarray] | None = None
     for index in range(len(maps)):
         mask = np.asarray(masks[index]).astype(bool)
-        negative_scores = np.asarray(maps[index])[~mask].astype(np.float64)
-        slot = np.searchsorted(values, negative_scores, side="left")
-        is_equal = np.zeros(slot.shape, dtype=bool)
-        inside = slot < distinct
-        is_equal[inside] = values[slot[inside]] == negative_scores[inside]
+        negative_scores = np.asarray(maps[index])[~mask]
+        if negative_scores.dtype == np.float16:
+            # float16 (how scores.h5 stores maps) has 65,536 bit patterns: locate each pattern once
+            # and look the pixels up, ~20x faster than a binary search per pixel.
+            if half_table is None:
+                half_table = _slots(values, np.arange(1 << 16, dtype=np.uint16).view(np.float16))
+            codes = negative_scores.view(np.uint16)
+            slot, is_equal = half_table[0][codes], half_table[1][codes]
+        else:
+            slot, is_equal = _slots(values, negative_scores)
         between += np.bincount(slot[~is_equal], minlength=distinct + 1)
         equal += np.bincount(slot[is_equal], minlength=distinct)
     # A negative in slot j (strictly between values[j-1] and values[j], or equal to values[j])

@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -206,8 +207,6 @@ def test_missing_scores_is_a_one_line_error(tmp_path: Path) -> None:
 def test_changed_features_refused_unless_forced(tmp_path: Path, data_root: tuple[Path, dict]) -> None:
     root, rows = data_root
     make_run(tmp_path / "run", root, rows, seed=0)
-    import h5py
-
     with h5py.File(tmp_path / "run" / "features.h5", "a") as handle:
         handle.attrs["edited"] = True
     code, _, err = invoke(str(tmp_path / "run"), "--json")

@@ -244,8 +244,11 @@ def _run_info(attrs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _load_run(run_dir: Path, options: EvaluateOptions) -> tuple[list[ClassData], dict[str, Any], str]:
-    """Classes of one run, checked against the features file the scores were made from."""
+def _load_run(run_dir: Path, options: EvaluateOptions) -> tuple[list[ClassData], dict[str, Any], str, str]:
+    """Classes of one run, checked against the features file the scores were made from.
+
+    Returns the classes, scores.h5's attributes, the resolution label and features.h5's sha256
+    (hashed once: it can be gigabytes)."""
     import h5py
 
     from iipad_cli.schema.features import load_features_attrs, read_split
@@ -255,7 +258,8 @@ def _load_run(run_dir: Path, options: EvaluateOptions) -> tuple[list[ClassData],
     features_path = require_file(run_dir / FEATURES_FILE, "extract")
     attrs = read_scores_attrs(scores_path)
     features_attrs = load_features_attrs(features_path)
-    if not options.force and attrs.get("features_sha256") != sha256_file(features_path):
+    features_sha256 = sha256_file(features_path)
+    if not options.force and attrs.get("features_sha256") != features_sha256:
         raise IipadError(f"{features_path}: changed after {scores_path.name} was made; run `iipad score` again (or --force)")
     with h5py.File(scores_path, "r") as handle:
         rel_paths = [str(p) for p in handle["path"].asstr()[()]]
@@ -299,7 +303,7 @@ def _load_run(run_dir: Path, options: EvaluateOptions) -> tuple[list[ClassData],
             class_maps, class_masks = LazyMaps(usable.size, load_map), LazyMaps(usable.size, load_mask)
         classes.append(ClassData(name, labels[rows], scores[rows], class_maps, class_masks))
     resolution = f"{maps.shape[1]}x{maps.shape[2]}" if options.resolution == "224" else "native"
-    return classes, attrs, resolution
+    return classes, attrs, resolution, features_sha256
 
 
 def evaluate_run(run_dir: Path, options: EvaluateOptions) -> dict[str, Any]:
@@ -307,7 +311,7 @@ def evaluate_run(run_dir: Path, options: EvaluateOptions) -> dict[str, Any]:
     options.validate()
     run_dir = Path(run_dir)
     started = time.perf_counter()
-    classes, attrs, resolution = _load_run(run_dir, options)
+    classes, attrs, resolution, features_sha256 = _load_run(run_dir, options)
     source = {"kind": "run", "run": str(run_dir.resolve())}
     document = _document(classes, options, source, _run_info(attrs), resolution)
     document["title"] = title(document)
@@ -320,7 +324,7 @@ def evaluate_run(run_dir: Path, options: EvaluateOptions) -> dict[str, Any]:
         run_dir,
         "metrics",
         options=options.recorded(),
-        inputs={SCORES_FILE: sha256_file(run_dir / SCORES_FILE), FEATURES_FILE: sha256_file(run_dir / FEATURES_FILE)},
+        inputs={SCORES_FILE: sha256_file(run_dir / SCORES_FILE), FEATURES_FILE: features_sha256},
         outputs={METRICS_JSON: sha256_file(run_dir / METRICS_JSON), METRICS_CSV: sha256_file(run_dir / METRICS_CSV)},
         seconds=seconds,
         extra={"images_per_second": images / max(seconds, 1e-9)},
