@@ -76,6 +76,13 @@ def test_check_lists_files_hashes_and_trunk_sharing(tmp_path: Path) -> None:
     assert "trunk sharing applies" in table.stderr
 
 
+def test_check_tiny_without_weights_reports_random_weights() -> None:
+    result = runner.invoke(app, ["weights", "check", "--backbone", "tiny", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report == {"backbone": "tiny", "random_weights": True, "trunk_shared": True, "files": []}
+
+
 def test_check_reports_untied_trunk(tmp_path: Path) -> None:
     export_weights(build_random_backbone(get_spec("tiny"), tie_trunk=False), tmp_path / "w")
     result = runner.invoke(app, ["weights", "check", "--backbone", "tiny", "--weights", str(tmp_path / "w")])
