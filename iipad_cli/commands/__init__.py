@@ -15,7 +15,7 @@ from iipad_cli.ui import err_console
 F = TypeVar("F", bound=Callable[..., Any])
 
 # One entry per module in this package; the order is the order of `iipad --help`.
-COMMAND_MODULES: tuple[str, ...] = ("weights",)
+COMMAND_MODULES: tuple[str, ...] = ("extract", "train", "bank", "score", "metrics", "run", "predict", "demo", "weights")
 
 
 def user_errors(func: F) -> F:

@@ -215,3 +215,23 @@ def anomaly_scores(
         retrieval_sim=retrieval_sim,
         retrieved=indices,
     )
+
+
+def instance_prompts(generator: torch.nn.Module, text_encoder: torch.nn.Module, query: Tensor, cls_token: Tensor) -> Tensor:
+    """The normalised [e^n, e^a] (B, 2, D) of images from their own features (eqs. 2–5).
+
+    query (B, M, d) raw Q-Former tokens and cls_token (B, D) the raw E_v(x) of the preset's variant,
+    normalised here as in training. The caller puts the generator in eval mode (no dropout) and
+    disables autograd.
+
+    One image at a time (its two states share one text-encoder batch of 2): CPU and GPU matrix
+    kernels round a row differently depending on the batch shape and the row's position in it, so
+    a batched pass would make an image's prompts — and its map — depend on which images share its
+    batch. Per image, `score` and `predict` give bit-identical results for the same image.
+    """
+    rows = []
+    for index in range(query.shape[0]):
+        s_normal, s_abnormal = generator(query[index : index + 1], normalise(cls_token[index : index + 1]))
+        embeddings, _ = text_encoder(torch.cat([s_normal, s_abnormal]))
+        rows.append(normalise(embeddings))
+    return torch.stack(rows)

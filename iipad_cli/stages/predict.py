@@ -1,0 +1,232 @@
+"""`iipad predict`: score new images with a trained run.
+
+Each image is preprocessed with the run's backbone spec (data/images.py, as `extract` does), encoded
+by the run's frozen backbone (its weight hashes must equal the ones in features.h5), rounded to the
+fp16 that features.h5 stores, and scored against the run's banks by the same function `score`
+uses — so an image of the run's test split gets exactly its map and score from scores.h5.
+
+Writes into OUT, per image, `<name>.npy` (the float32 map at the run's resolution) and `<name>.png`
+(image | overlay with a colour bar), plus `predictions.csv` and `predict.json` (provenance).
+A corrupt image is reported on stderr and skipped; the others are still scored.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from iipad_cli.artifacts import SCORES_FILE, atomic_path, provenance, write_json_atomic
+from iipad_cli.data.images import preprocess_image
+from iipad_cli.data.layouts import is_image
+from iipad_cli.devices import resolve_device
+from iipad_cli.errors import IipadError
+from iipad_cli.schema.features import FEATURE_FIELDS
+from iipad_cli.schema.scores import read_scores_attrs
+from iipad_cli.stages._scoring import (
+    DEFAULT_BATCH,
+    DEFAULT_SIGMA,
+    RunModels,
+    attach_banks,
+    check_top_k,
+    load_run_models,
+    score_features,
+)
+from iipad_cli.stages.score import RANDOM_NOTE, resized_image
+from iipad_cli.ui import err_console, log, progress
+from iipad_cli.viz import heatmap_figure, save_png
+
+PREDICTIONS_CSV = "predictions.csv"
+PREDICT_JSON = "predict.json"
+CSV_COLUMNS = ("path", "image_score", "prompt_max", "visual_max", "p_normal", "retrieval_sim", "retrieved")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """`top_k`/`sigma` None = what the run's `score` used (scores.h5), else K and 4."""
+
+    top_k: int | None = None
+    sigma: float | None = None
+    batch_size: int = DEFAULT_BATCH
+    weights: Path | None = None
+    device: str = "auto"
+    force: bool = False
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    out_dir: Path
+    scored: int
+    skipped: list[str]
+    csv_path: Path
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Files, directories (every image below, sorted) and glob patterns -> unique image paths."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            matches = sorted(p for p in path.rglob("*") if is_image(p))
+            if not matches:
+                raise IipadError(f"{path}: no images in this directory")
+        elif path.exists():
+            matches = [path]
+        else:
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise IipadError(f"{item}: no such file, and no file matches it as a pattern")
+        found.extend(matches)
+    unique: dict[Path, Path] = {}
+    for path in found:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
+
+
+def output_names(paths: Sequence[Path]) -> list[str]:
+    """The file stem, or as many parent directories as needed (joined by "__") to make it unique."""
+    parts = [p.resolve().with_suffix("").parts for p in paths]
+    depth = 1
+    while depth <= max((len(x) for x in parts), default=1):
+        names = ["__".join(x[-depth:]) for x in parts]
+        if len(set(names)) == len(names):
+            return names
+        depth += 1
+    return ["__".join(x) for x in parts]
+
+
+def _defaults(models: RunModels, options: PredictOptions) -> tuple[int, float]:
+    """top-k and σ: explicit, else the ones the run's scores.h5 was made with, else K and 4."""
+    scores_path = models.run_dir / SCORES_FILE
+    stored = read_scores_attrs(scores_path) if scores_path.is_file() else {}
+    top_k = options.top_k if options.top_k is not None else int(stored.get("top_k", models.features_attrs["shots"]))
+    sigma = options.sigma if options.sigma is not None else float(stored.get("sigma", DEFAULT_SIGMA))
+    return top_k, sigma
+
+
+def _scale(models: RunModels) -> tuple[float, float] | None:
+    """The run's map range (the scale of its test heatmaps), so overlays compare with them."""
+    scores_path = models.run_dir / SCORES_FILE
+    if not scores_path.is_file():
+        return None
+    attrs = read_scores_attrs(scores_path)
+    return float(attrs["map_min"]), float(attrs["map_max"])
+
+
+def predict(run_dir: Path, inputs: Sequence[str], out_dir: Path, options: PredictOptions) -> PredictResult:
+    started = time.perf_counter()
+    if options.batch_size < 1:
+        raise IipadError(f"--batch-size must be at least 1, not {options.batch_size}")
+    paths = expand_inputs(inputs)
+    device = resolve_device(options.device)
+    models = attach_banks(
+        load_run_models(run_dir, weights=options.weights, device=device, force=options.force, hash_features=False),
+        options.force,
+    )
+    assert models.banks is not None
+    top_k, sigma = _defaults(models, options)
+    check_top_k(top_k, len(models.banks))
+    attrs = models.features_attrs
+    spec = models.backbone.spec
+    resolution = int(attrs["resolution"])
+    scale = _scale(models)
+    note = RANDOM_NOTE if bool(attrs.get("random_weights", False)) else ""
+    names = output_names(paths)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, str]] = []
+    skipped: list[str] = []
+    score_started = time.perf_counter()
+    with progress(options.quiet) as bar:
+        task = bar.add_task("predict", total=len(paths), rate="")
+        for start in range(0, len(paths), options.batch_size):
+            batch_paths, batch_names, images = [], [], []
+            for path, name in zip(paths[start : start + options.batch_size], names[start : start + options.batch_size]):
+                try:
+                    tensor, _ = preprocess_image(path, spec.image_size)
+                except IipadError as error:
+                    err_console.print(f"[yellow]skipped:[/] {error}", highlight=False, soft_wrap=True)
+                    skipped.append(str(path))
+                    continue
+                batch_paths.append(path)
+                batch_names.append(name)
+                images.append(tensor)
+            if images:
+                with torch.inference_mode():
+                    encoded = models.backbone.encode_images(torch.stack(images).to(device))
+                # Round to the fp16 features.h5 stores: the run's test images were scored from those.
+                features = {name: getattr(encoded, name).half().float() for name in FEATURE_FIELDS}
+                labels = [str(p) for p in batch_paths]
+                for field in FEATURE_FIELDS:
+                    bad = ~torch.isfinite(features[field]).flatten(1).all(dim=1)
+                    if bool(bad.any()):
+                        raise IipadError(f"{labels[int(bad.nonzero()[0, 0])]}: {field} features hold NaN or Inf")
+                result = score_features(models, features, labels, top_k=top_k, resolution=resolution, sigma=sigma)
+                for row, (path, name) in enumerate(zip(batch_paths, batch_names)):
+                    amap = result.maps[row].float().cpu().numpy()
+                    with atomic_path(out_dir / f"{name}.npy") as tmp, open(tmp, "wb") as handle:
+                        np.save(handle, amap)
+                    vmin, vmax = scale if scale is not None else (float(amap.min()), float(amap.max()))
+                    score = float(result.image_score[row])
+                    figure = heatmap_figure(
+                        resized_image(path, resolution), amap, vmin, vmax, show_mask=False,
+                        title=f"{path.name}  image score {score:.4g}{note}",
+                    )
+                    save_png(figure, out_dir / f"{name}.png")
+                    rows.append(
+                        {
+                            "path": str(path),
+                            "image_score": repr(score),
+                            "prompt_max": repr(float(result.prompt_max[row])),
+                            "visual_max": repr(float(result.visual_max[row])),
+                            "p_normal": repr(float(result.p_normal[row])),
+                            "retrieval_sim": repr(float(result.retrieval_sim[row])),
+                            "retrieved": ";".join(models.banks.paths[int(i)] for i in result.retrieved[row]),
+                        }
+                    )
+            done = min(start + options.batch_size, len(paths))
+            elapsed = time.perf_counter() - score_started
+            bar.update(task, completed=done, rate=f"{len(rows) / elapsed:.1f} img/s" if elapsed > 0 else "")
+    seconds = time.perf_counter() - score_started
+    if not rows:
+        raise IipadError(f"none of the {len(paths)} images could be scored")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_path = out_dir / PREDICTIONS_CSV
+    with atomic_path(csv_path) as tmp:
+        tmp.write_text(buffer.getvalue())
+    rate = len(rows) / seconds if seconds > 0 else 0.0
+    write_json_atomic(
+        out_dir / PREDICT_JSON,
+        {
+            **provenance(),
+            "run_dir": str(Path(run_dir).resolve()),
+            "backbone_id": str(attrs["backbone_id"]),
+            "random_weights": bool(attrs.get("random_weights", False)),
+            "preset": models.preset.name,
+            "image_score_formula": models.preset.image_score,
+            "top_k": top_k,
+            "sigma": sigma,
+            "resolution": resolution,
+            "generator_sha256": models.generator_sha,
+            "banks_sha256": models.banks_sha,
+            "scored": len(rows),
+            "skipped": skipped,
+            "seconds": round(time.perf_counter() - started, 3),
+            "images_per_s": round(rate, 3),
+            "overlay_scale": list(scale) if scale is not None else "per image",
+        },
+    )
+    log(f"predicted {len(rows)} images in {seconds:.1f} s ({rate:.2f} images/s){note}, skipped {len(skipped)} -> {out_dir}", options.quiet)
+    return PredictResult(out_dir=out_dir, scored=len(rows), skipped=skipped, csv_path=csv_path)
+
