@@ -1,0 +1,248 @@
+"""`RUN/features.h5`: the frozen encoders' output per image, written by `extract`, read by every later stage.
+
+Layout (design.md §2): groups `train` (the K shots per class) and `test`; per group `path`, `cls`,
+`defect` (N,) str, `label` (N,) uint8, test-only `has_mask` (N,) bool and `mask` (N, R, R) bool,
+and the fp16 features `cls_token` (N, 2, D), `qformer` (N, M, d), `vv` (N, Lv, P, D),
+`mem` (N, Lm, P, W). Root attributes carry provenance and the options that define the content.
+
+Datasets grow per batch with `resize` and are chunked per (image, layer) slab, uncompressed (fp16
+tokens do not compress). Each group's `rows_written` attribute is updated only after a batch is
+fully written and flushed, so an interrupted writer leaves a file that can be resumed exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from iipad_cli.errors import IipadError
+
+SPLITS = ("train", "test")
+STRING_FIELDS = ("path", "cls", "defect")
+FEATURE_FIELDS = ("cls_token", "qformer", "vv", "mem")
+# Attributes stored as JSON strings (everything else is a native HDF5 scalar or integer array).
+JSON_ATTRS = frozenset({"backbone_spec", "weights", "weights_sha256", "classes", "shots_files", "preprocessing"})
+# Attributes whose values define the file's content: a re-run with other values must not mix in.
+IDENTITY_ATTRS = (
+    "backbone_id",
+    "random_weights",
+    "weights_sha256",
+    "shots",
+    "seed",
+    "shot_policy",
+    "layout",
+    "classes",
+    "resolution",
+    "image_size",
+    "data_root",
+    "samples_sha256",
+    "schema_version",
+)
+
+
+@dataclass(frozen=True)
+class FeatureShapes:
+    """Per-image shapes of the feature datasets (without the leading N)."""
+
+    cls_token: tuple[int, ...]
+    qformer: tuple[int, ...]
+    vv: tuple[int, ...]
+    mem: tuple[int, ...]
+
+    def of(self, name: str) -> tuple[int, ...]:
+        return tuple(getattr(self, name))
+
+
+def _encode_attr(key: str, value: Any) -> Any:
+    if key in JSON_ATTRS:
+        return json.dumps(value, sort_keys=True)
+    if isinstance(value, (list, tuple)):
+        return np.asarray(value, dtype=np.int64)
+    return value
+
+
+def _decode_attr(key: str, value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if key in JSON_ATTRS:
+        return json.loads(value)
+    if isinstance(value, np.ndarray):
+        return [item.item() for item in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _chunk(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """One image, and one layer where the per-image shape has a layer axis (L, P, width)."""
+    if len(shape) == 3:
+        return (1, 1, *shape[1:])
+    return (1, *shape)
+
+
+class FeaturesWriter:
+    """Appends images to a features file, creating or resuming it.
+
+    Opening an existing file truncates every dataset of a group to its `rows_written`, dropping
+    whatever an interrupted batch left behind.
+    """
+
+    def __init__(self, path: Path, attrs: Mapping[str, Any], shapes: FeatureShapes, resolution: int) -> None:
+        self.path = Path(path)
+        exists = self.path.is_file()
+        self.file = h5py.File(self.path, "a")
+        if not exists:
+            for key, value in attrs.items():
+                self.file.attrs[key] = _encode_attr(key, value)
+            self.file.attrs["complete"] = False
+            for split in SPLITS:
+                self._create_group(split, shapes, resolution)
+        for split in SPLITS:
+            group = self.file[split]
+            rows = int(group.attrs["rows_written"])
+            for dataset in group.values():
+                dataset.resize(rows, axis=0)
+
+    def _create_group(self, split: str, shapes: FeatureShapes, resolution: int) -> None:
+        group = self.file.create_group(split)
+        group.attrs["rows_written"] = 0
+        for name in STRING_FIELDS:
+            group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(256,))
+        group.create_dataset("label", shape=(0,), maxshape=(None,), dtype=np.uint8, chunks=(1024,))
+        if split == "test":
+            group.create_dataset("has_mask", shape=(0,), maxshape=(None,), dtype=bool, chunks=(1024,))
+            group.create_dataset(
+                "mask",
+                shape=(0, resolution, resolution),
+                maxshape=(None, resolution, resolution),
+                dtype=bool,
+                chunks=(1, resolution, resolution),
+            )
+        for name in FEATURE_FIELDS:
+            shape = shapes.of(name)
+            group.create_dataset(
+                name, shape=(0, *shape), maxshape=(None, *shape), dtype=np.float16, chunks=_chunk(shape)
+            )
+
+    def rows_written(self, split: str) -> int:
+        return int(self.file[split].attrs["rows_written"])
+
+    def append(self, split: str, columns: Mapping[str, Sequence[str] | np.ndarray]) -> None:
+        """Write one batch (every dataset of the group, same length), then mark it written and flush."""
+        group = self.file[split]
+        start = self.rows_written(split)
+        lengths = {len(values) for values in columns.values()}
+        if len(lengths) != 1 or set(columns) != set(group.keys()):
+            raise ValueError(f"batch for {split} must hold every dataset of the group with one length")
+        stop = start + lengths.pop()
+        for name, values in columns.items():
+            dataset = group[name]
+            dataset.resize(stop, axis=0)
+            dataset[start:stop] = np.asarray(values, dtype=object) if name in STRING_FIELDS else values
+        group.attrs["rows_written"] = stop
+        self.file.flush()
+
+    def mark_complete(self) -> None:
+        self.file.attrs["complete"] = True
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> FeaturesWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        raise IipadError(f"{path}: not a readable features file ({str(error).splitlines()[0]})") from None
+
+
+def read_attrs(path: Path) -> dict[str, Any]:
+    """Root attributes with JSON values decoded and integer arrays as lists."""
+    with _open(Path(path)) as handle:
+        return {key: _decode_attr(key, value) for key, value in handle.attrs.items()}
+
+
+def split_length(path: Path, split: str) -> int:
+    with _open(Path(path)) as handle:
+        return int(handle[split].attrs["rows_written"])
+
+
+def read_split(path: Path, split: str, fields: Iterable[str] | None = None) -> dict[str, np.ndarray | list[str]]:
+    """The datasets `fields` (default: all) of one split; strings as `list[str]`, the rest as arrays.
+
+    Feature arrays are returned as stored (fp16); convert where the computation needs more.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    with _open(Path(path)) as handle:
+        group = handle[split]
+        names = list(group.keys()) if fields is None else list(fields)
+        missing = [name for name in names if name not in group]
+        if missing:
+            raise IipadError(f"{path}: {split} has no dataset {', '.join(missing)}")
+        out: dict[str, np.ndarray | list[str]] = {}
+        for name in names:
+            dataset = group[name]
+            out[name] = list(dataset.asstr()[...]) if name in STRING_FIELDS else dataset[...]
+        return out
+
+
+def load_features_attrs(path: Path) -> dict[str, Any]:
+    """Attributes of a complete features file; a missing or unfinished file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise IipadError(f"{path}: missing; run `iipad extract` first")
+    attrs = read_attrs(path)
+    if not attrs.get("complete", False):
+        raise IipadError(f"{path}: incomplete features file; re-run `iipad extract` to finish it")
+    return attrs
+
+
+def differing_attrs(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    """Names of the identity attributes whose stored and expected values differ."""
+    return [key for key in IDENTITY_ATTRS if key in expected and stored.get(key) != expected[key]]
+
+
+def check_features_compatible(
+    attrs: Mapping[str, Any],
+    *,
+    path: Path,
+    backbone_id: str | None = None,
+    vv_layers: Sequence[int] | None = None,
+    memory_layers: Sequence[int] | None = None,
+    resolution: int | None = None,
+    shots: int | None = None,
+    force: bool = False,
+) -> None:
+    """Refuse (IipadError naming the file) features made for another backbone, layers, resolution or K.
+
+    Later stages call it before mixing their own artifacts with a features file; `force` turns
+    the refusal off for users who know what they are doing.
+    """
+    if force:
+        return
+    wanted = {
+        "backbone_id": backbone_id,
+        "vv_layers": list(vv_layers) if vv_layers is not None else None,
+        "memory_layers": list(memory_layers) if memory_layers is not None else None,
+        "resolution": resolution,
+        "shots": shots,
+    }
+    for key, value in wanted.items():
+        if value is not None and attrs.get(key) != value:
+            raise IipadError(
+                f"{path}: made with {key} {attrs.get(key)!r}, not {value!r}; re-run `iipad extract` or pass --force"
+            )

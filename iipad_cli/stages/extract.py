@@ -1,0 +1,381 @@
+"""`iipad extract`: run the frozen encoders once per image and cache everything in `RUN/features.h5`.
+
+It is the only stage that touches the image encoders, so it is built for throughput (batched
+forward under inference_mode, DataLoader workers decoding the next images while the model runs,
+one shared ViT trunk for CLIP and the Q-Former when their weights agree) and for long runs that
+get interrupted: images go to `features.h5.partial`, flushed batch by batch; a re-run with the
+same options resumes after the last stored batch, and only a finished file is fsynced and renamed
+to `features.h5`, so a partial file never replaces a complete one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import Progress, TaskID
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from iipad_cli import __version__
+from iipad_cli.artifacts import FEATURES_FILE, SCHEMA_VERSION, atomic_path, record_stage, sha256_file, sha256_json
+from iipad_cli.config import CLIP_MEAN, CLIP_STD, BackboneSpec
+from iipad_cli.data.images import MASK_THRESHOLD, load_mask, preprocess_image
+from iipad_cli.data.layouts import Dataset, Sample, load_dataset
+from iipad_cli.data.shots import select_shots, shot_files
+from iipad_cli.devices import resolve_device
+from iipad_cli.errors import IipadError
+from iipad_cli.models.backbone import Backbone
+from iipad_cli.models.registry import file_sha256, find_weights, get_spec, load_backbone
+from iipad_cli.schema.features import FEATURE_FIELDS, FeatureShapes, FeaturesWriter, differing_attrs, read_attrs
+from iipad_cli.ui import log, progress
+
+PARTIAL_SUFFIX = ".partial"
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """The options of `iipad extract` (see `iipad extract --help`)."""
+
+    data: Path
+    shots: int
+    output: Path | None = None
+    backbone: str = "vit-l-14"
+    weights: Path | None = None
+    layout: str = "auto"
+    classes: tuple[str, ...] | None = None
+    shot_policy: str = "random"
+    seed: int = 0
+    resolution: int = 224
+    batch_size: int = 8
+    workers: int | None = None
+    device: str = "auto"
+    force: bool = False
+    quiet: bool = False
+
+
+def default_workers() -> int:
+    return min(2, os.cpu_count() or 1)
+
+
+def default_run_dir(data: Path, shots: int) -> Path:
+    """design.md §1: `runs/<data-dir-name>-<K>shot` when `-o` is omitted."""
+    return Path("runs") / f"{Path(data).resolve().name}-{shots}shot"
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One decoded image (or the one-line error that decoding it raised, carried to the main process)."""
+
+    index: int
+    image: torch.Tensor | None
+    mask: np.ndarray | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class _Batch:
+    indices: list[int]
+    images: torch.Tensor | None
+    masks: np.ndarray | None
+    error: str | None
+
+
+class _ImageDataset(TorchDataset):
+    """Decodes images (and test masks) in DataLoader workers.
+
+    An IipadError inside a worker would reach the main process wrapped in a multi-line
+    traceback, so it travels as data and is re-raised there as the original one-line message.
+    """
+
+    def __init__(self, samples: Sequence[Sample], start: int, image_size: int, resolution: int, masks: bool) -> None:
+        self.samples = list(samples)
+        self.start = start
+        self.image_size = image_size
+        self.resolution = resolution
+        self.masks = masks
+
+    def __len__(self) -> int:
+        return len(self.samples) - self.start
+
+    def __getitem__(self, position: int) -> _Item:
+        index = self.start + position
+        sample = self.samples[index]
+        try:
+            image, size = preprocess_image(sample.path, self.image_size)
+            mask = None
+            if self.masks:
+                mask = np.zeros((self.resolution, self.resolution), dtype=bool)
+                if sample.label and sample.mask_path is not None:
+                    mask = load_mask(sample.mask_path, size, self.resolution)
+        except IipadError as error:
+            return _Item(index, None, None, str(error))
+        return _Item(index, image, mask, None)
+
+
+def _collate(items: list[_Item]) -> _Batch:
+    indices = [item.index for item in items]
+    for item in items:
+        if item.error is not None:
+            return _Batch(indices, None, None, item.error)
+    images = torch.stack([item.image for item in items if item.image is not None])
+    masks = np.stack([item.mask for item in items]) if items[0].mask is not None else None
+    return _Batch(indices, images, masks, None)
+
+
+def _weights_attrs(spec: BackboneSpec, weights_dir: Path | None) -> dict[str, Any]:
+    """Sorted sha256 of the weight files (["random"] for seeded random weights), without loading them.
+
+    It lets a re-run decide "nothing to do" or "other weights" before spending time on the model.
+    """
+    paths = find_weights(spec, weights_dir)
+    if paths is None:
+        return {"weights_sha256": ["random"], "random_weights": True}
+    return {"weights_sha256": sorted([file_sha256(paths.clip), file_sha256(paths.qformer)]), "random_weights": False}
+
+
+def _listing_digest(dataset: Dataset) -> str:
+    """Hash of the image listing, so a data folder that gained or lost files is not mixed into a file."""
+    rows = [
+        [s.split, s.rel_path, s.cls, s.defect, s.label, s.mask_path.as_posix() if s.mask_path else None]
+        for s in (*dataset.train, *dataset.test)
+    ]
+    return sha256_json(rows)
+
+
+def _file_attrs(options: ExtractOptions, dataset: Dataset, spec: BackboneSpec, shots: Sequence[Sample]) -> dict[str, Any]:
+    """Root attributes of the features file, except the weight hashes (`_weights_attrs`)."""
+    files = {cls: [asdict(f) for f in entries] for cls, entries in shot_files(shots).items()}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "iipad_version": __version__,
+        "backbone_id": spec.backbone_id,
+        "backbone_spec": spec.to_json(),
+        "vv_layers": list(spec.vv_layers),
+        "memory_layers": list(spec.memory_layers),
+        "image_size": spec.image_size,
+        "grid_size": spec.grid_size,
+        "resolution": options.resolution,
+        "shots": options.shots,
+        "seed": options.seed,
+        "shot_policy": options.shot_policy,
+        "data_root": str(dataset.root),
+        "layout": dataset.layout,
+        "classes": list(dataset.classes),
+        "shots_files": files,
+        "samples_sha256": _listing_digest(dataset),
+        "num_train": len(shots),
+        "num_test": len(dataset.test),
+        "preprocessing": {
+            "image": f"EXIF transpose, RGB, squash to {spec.image_size}x{spec.image_size} bicubic, /255, CLIP mean/std",
+            "mean": list(CLIP_MEAN),
+            "std": list(CLIP_STD),
+            "mask": f"> 0, bilinear to {options.resolution}x{options.resolution} on 0/255, >= {MASK_THRESHOLD}/255",
+        },
+    }
+
+
+def _describe_difference(path: Path, stored: dict[str, Any], expected: dict[str, Any], keys: list[str]) -> str:
+    key = keys[0]
+    more = f" (and {', '.join(keys[1:])})" if len(keys) > 1 else ""
+    return f"{path}: made with {key} {stored.get(key)!r}, not {expected[key]!r}{more}; pass --force to replace it"
+
+
+def _refuse_other_options(path: Path, attrs: dict[str, Any]) -> dict[str, Any]:
+    """The stored attributes of `path`, or an IipadError when they differ from `attrs` in any identity key."""
+    stored = read_attrs(path)
+    changed = differing_attrs(stored, attrs)
+    if changed:
+        raise IipadError(_describe_difference(path, stored, attrs, changed))
+    return stored
+
+
+def _is_current(final: Path, partial: Path, attrs: dict[str, Any], force: bool) -> bool:
+    """True when `final` already holds these options' features; otherwise clears the way to (re)write.
+
+    A complete file made with other options is refused unless `force` (it is replaced only once
+    the new file is complete). A partial file with the same options is kept for resuming; one
+    with other options is refused unless `force`, and one left unreadable by a crash is dropped.
+    """
+    if final.is_file() and not force:
+        if _refuse_other_options(final, attrs).get("complete", False):
+            return True
+    if partial.is_file():
+        stored = _readable_attrs(partial)
+        if stored is None or force:
+            partial.unlink()
+        else:
+            _refuse_other_options(partial, attrs)
+    return False
+
+
+def _readable_attrs(path: Path) -> dict[str, Any] | None:
+    """Attributes of a partial file, or None when an interrupted write left it unreadable."""
+    try:
+        return read_attrs(path)
+    except (IipadError, OSError, KeyError):
+        return None
+
+
+def _feature_shapes(spec: BackboneSpec) -> FeatureShapes:
+    patches = spec.num_patches
+    return FeatureShapes(
+        cls_token=(2, spec.embed_dim),
+        qformer=(spec.qformer.num_query_tokens, spec.qformer.hidden),
+        vv=(len(spec.vv_layers), patches, spec.embed_dim),
+        mem=(len(spec.memory_layers), patches, spec.vision_width),
+    )
+
+
+def _check_finite(features: dict[str, np.ndarray], samples: Sequence[Sample]) -> None:
+    for name, values in features.items():
+        finite = np.isfinite(values.reshape(values.shape[0], -1)).all(axis=1)
+        if not finite.all():
+            bad = samples[int(np.argmin(finite))]
+            raise IipadError(f"{bad.path}: non-finite {name} features (NaN/Inf, or beyond the fp16 range)")
+
+
+@dataclass
+class _Throughput:
+    """Images done since the loop started, shown as images/s on the progress bar."""
+
+    bar: Progress
+    task: TaskID
+    started: float
+    images: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.images / max(time.perf_counter() - self.started, 1e-9)
+
+    def advance(self, images: int) -> None:
+        self.images += images
+        self.bar.update(self.task, advance=images, rate=f"{self.rate:.2f} images/s")
+
+
+def _extract_split(
+    writer: FeaturesWriter,
+    split: str,
+    samples: Sequence[Sample],
+    backbone: Backbone,
+    options: ExtractOptions,
+    throughput: _Throughput,
+) -> None:
+    start = writer.rows_written(split)
+    if start >= len(samples):
+        return
+    data = _ImageDataset(samples, start, backbone.spec.image_size, options.resolution, masks=split == "test")
+    workers = default_workers() if options.workers is None else options.workers
+    loader = DataLoader(
+        data,
+        batch_size=options.batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+    )
+    for batch in loader:
+        if batch.error is not None:
+            raise IipadError(batch.error)
+        assert batch.images is not None
+        batch_samples = [samples[i] for i in batch.indices]
+        with torch.inference_mode():
+            encoded = backbone.encode_images(batch.images.to(backbone.device))
+        features = {name: getattr(encoded, name).to(torch.float16).cpu().numpy() for name in FEATURE_FIELDS}
+        _check_finite(features, batch_samples)
+        columns: dict[str, Any] = {
+            "path": [s.rel_path for s in batch_samples],
+            "cls": [s.cls for s in batch_samples],
+            "defect": [s.defect for s in batch_samples],
+            "label": np.array([s.label for s in batch_samples], dtype=np.uint8),
+            **features,
+        }
+        if split == "test":
+            assert batch.masks is not None
+            columns["has_mask"] = np.array([s.has_mask for s in batch_samples], dtype=bool)
+            columns["mask"] = batch.masks
+        writer.append(split, columns)
+        throughput.advance(len(batch_samples))
+
+
+def _manifest_options(options: ExtractOptions, dataset: Dataset) -> dict[str, Any]:
+    return {
+        "data": str(dataset.root),
+        "shots": options.shots,
+        "backbone": options.backbone,
+        "weights": str(options.weights) if options.weights is not None else None,
+        "layout": dataset.layout,
+        "classes": list(dataset.classes),
+        "shot_policy": options.shot_policy,
+        "seed": options.seed,
+        "resolution": options.resolution,
+        "batch_size": options.batch_size,
+        "workers": default_workers() if options.workers is None else options.workers,
+        "device": options.device,
+    }
+
+
+def run_extract(options: ExtractOptions) -> Path:
+    """Extract features for the test set and the K shots per class; returns the run directory."""
+    started = time.perf_counter()
+    if options.resolution < 1:
+        raise IipadError(f"--resolution must be positive, got {options.resolution}")
+    if options.batch_size < 1:
+        raise IipadError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if options.workers is not None and options.workers < 0:
+        raise IipadError(f"--workers must be 0 or more, got {options.workers}")
+    dataset = load_dataset(options.data, options.layout, options.classes)
+    shots = select_shots(dataset, options.shots, options.shot_policy, options.seed)
+    spec = get_spec(options.backbone)
+    attrs = _file_attrs(options, dataset, spec, shots)
+    run_dir = Path(options.output) if options.output is not None else default_run_dir(dataset.root, options.shots)
+    final = run_dir / FEATURES_FILE
+    partial = run_dir / (FEATURES_FILE + PARTIAL_SUFFIX)
+    # Other options are reported before looking for weights, so "made with backbone tiny" is not
+    # hidden behind "weights for vit-l-14 not found".
+    if final.is_file() and not options.force:
+        _refuse_other_options(final, attrs)
+    attrs.update(_weights_attrs(spec, options.weights))
+    if _is_current(final, partial, attrs, options.force):
+        log(f"{final}: up to date (same options), nothing to do", options.quiet)
+        return run_dir
+
+    device = resolve_device(options.device)
+    backbone = load_backbone(spec, options.weights, device)
+    trunk = "shared by CLIP and the Q-Former" if backbone.trunk_shared else "not shared (Q-Former runs its own tower)"
+    weights_note = " (random weights)" if attrs["random_weights"] else ""
+    log(f"backbone {spec.backbone_id}{weights_note} on {device}; ViT trunk {trunk}", options.quiet)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    splits = {"train": list(shots), "test": list(dataset.test)}
+    with FeaturesWriter(partial, {**attrs, "weights": backbone.weights}, _feature_shapes(spec), options.resolution) as writer:
+        remaining = sum(len(samples) - writer.rows_written(split) for split, samples in splits.items())
+        total = sum(len(samples) for samples in splits.values())
+        if remaining < total:
+            log(f"{partial}: resuming, {total - remaining} of {total} images already stored", options.quiet)
+        with progress(options.quiet) as bar:
+            throughput = _Throughput(bar, bar.add_task("extract", total=remaining, rate=""), time.perf_counter())
+            for split, samples in splits.items():
+                _extract_split(writer, split, samples, backbone, options, throughput)
+        writer.mark_complete()
+    seconds = time.perf_counter() - throughput.started
+    rate = throughput.rate if throughput.images else 0.0
+    with atomic_path(final) as tmp:
+        os.replace(partial, tmp)
+    log(f"extracted {throughput.images} images in {seconds:.1f} s ({rate:.2f} images/s) -> {final}", options.quiet)
+    record_stage(
+        run_dir,
+        "extract",
+        options=_manifest_options(options, dataset),
+        inputs={},
+        outputs={FEATURES_FILE: sha256_file(final)},
+        seconds=time.perf_counter() - started,
+        extra={"images": throughput.images, "images_per_s": round(rate, 3), "trunk_shared": backbone.trunk_shared},
+    )
+    return run_dir
+
