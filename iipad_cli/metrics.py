@@ -168,7 +168,8 @@ def pixel_counts(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> Pix
             codes = negative_scores.view(np.uint16)
             slot, is_equal = half_table[0][codes], half_table[1][codes]
         else:
-            slot, is_equal = _slots(values, negative_scores)
+            # Sorted needles make the binary searches cache-friendly (about 2x); only counts are kept.
+            slot, is_equal = _slots(values, np.sort(negative_scores))
         between += np.bincount(slot[~is_equal], minlength=distinct + 1)
         equal += np.bincount(slot[is_equal], minlength=distinct)
     # A negative in slot j (strictly between values[j-1] and values[j], or equal to values[j])

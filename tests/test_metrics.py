@@ -116,12 +116,14 @@ def test_regions_are_8_connected() -> None:
     assert metrics._region_labels(mask)[1] == 2 == len(regions_8(mask))
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("levels", [None, 6, 40])
-def test_au_pro_matches_reference(seed: int, levels: int | None) -> None:
+def test_au_pro_matches_reference(seed: int, levels: int | None, dtype: type) -> None:
+    """float16 takes the lookup-table path, float32 the binary-search path."""
     rng = np.random.default_rng(seed)
     masks = random_masks(rng, count=4, size=14, good=2)
-    maps = scored(rng, masks, levels)
+    maps = [m.astype(dtype) for m in scored(rng, masks, levels)]
     for limit in (0.3, 0.05, 1.0):
         assert metrics.au_pro(maps, masks, limit) == pytest.approx(reference_au_pro(maps, masks, limit), abs=1e-6)
 
@@ -152,8 +154,9 @@ def test_good_only_images_add_negatives_only() -> None:
 
 
 def test_au_pro_invariant_to_increasing_transform_and_outlier_but_legacy_is_not() -> None:
-    """AU-PRO depends on the ranking only. Raising the top pixel to 1e6 keeps the ranking, yet it
-    squeezes all 200 legacy thresholds into the lowest bin, which moves the legacy number."""
+    """AU-PRO depends on the ranking only. Raising the top pixel to 1000 (scores are ~N(0, 1))
+    keeps the ranking, yet it squeezes the 200 equal-width legacy thresholds into a few bins,
+    which moves the legacy number from 0.63 to 0.26."""
     rng = np.random.default_rng(5)
     masks = random_masks(rng, count=6, size=24, good=4)
     maps = scored(rng, masks, None)
@@ -162,10 +165,10 @@ def test_au_pro_invariant_to_increasing_transform_and_outlier_but_legacy_is_not(
     assert metrics.au_pro(transformed, masks) == pytest.approx(base, abs=1e-12)
     with_outlier = [m.copy() for m in maps]
     image = int(np.argmax([m.max() for m in maps]))
-    with_outlier[image][np.unravel_index(np.argmax(maps[image]), maps[image].shape)] = 1e6
+    with_outlier[image][np.unravel_index(np.argmax(maps[image]), maps[image].shape)] = 1000.0
     assert metrics.au_pro(with_outlier, masks) == pytest.approx(base, abs=1e-12)
     legacy_before, legacy_after = metrics.legacy_pro(maps, masks), metrics.legacy_pro(with_outlier, masks)
-    assert abs(legacy_before - legacy_after) > 0.05 or math.isnan(legacy_after)
+    assert abs(legacy_before - legacy_after) > 0.2
 
 
 @pytest.mark.parametrize("seed", [0, 1])
