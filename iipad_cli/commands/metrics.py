@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         data: Annotated[Optional[Path], typer.Option("--data", help="MVTec-layout data root with the ground truth (with --maps).")] = None,
         scores: Annotated[
-            Optional[Path], typer.Option("--scores", help="CSV with columns path,score for --maps [default: map maximum].")
+            Optional[Path], typer.Option("--scores", help="CSV with columns path,score for --maps (default: each map's maximum).")
         ] = None,
         table: Annotated[bool, typer.Option("--table", help="Rich table (the default when stdout is a terminal).")] = False,
         as_json: Annotated[bool, typer.Option("--json", help="JSON document (docs/metrics.md; the default when stdout is not a terminal).")] = False,
@@ -41,12 +41,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Image AUROC, image AUPR (sklearn step-wise average precision), pixel AUROC and AU-PRO.
 
-        Per class and the unweighted mean over classes (NaN classes are left out; the mean says how
-        many it covers). Each run also gets RUN/metrics.json and RUN/metrics.csv.
+        Per class and the unweighted mean over classes; NaN classes are left out and the mean says how many it covers. Each run also gets RUN/metrics.json and RUN/metrics.csv (docs/metrics.md).
 
-        Examples: iipad metrics runs/mvtec-1shot --table ·
-        iipad metrics runs/a runs/b runs/c --json ·
-        iipad metrics --maps maps/ --data data/mvtec --csv
+        Example: iipad metrics runs/a runs/b runs/c --table   (mean ± std over the runs)
+
+        Example: iipad metrics --maps maps/ --data data/mvtec --csv
         """
         from rich.console import Console
 
