@@ -56,12 +56,14 @@ def make_data(root: Path) -> dict[str, list[tuple[str, str, int, np.ndarray]]]:
 
 def small_mask(mask: np.ndarray) -> np.ndarray:
     """The mask at R x R (nearest): what features.h5 stores for the 224-style evaluation."""
-    rr = (np.arange(R) * NATIVE[0] / R).astype(int)
-    cc = (np.arange(R) * NATIVE[1] / R).astype(int)
+    rr = (np.arange(R) * mask.shape[0] / R).astype(int)
+    cc = (np.arange(R) * mask.shape[1] / R).astype(int)
     return mask[np.ix_(rr, cc)]
 
 
-def make_run(run: Path, data: Path, rows: dict, seed: int, *, constant_maps: bool = False, masks: bool = True) -> dict:
+def make_run(
+    run: Path, data: Path, rows: dict, seed: int, *, constant_maps: bool = False, masks: bool = True, layout: str = "mvtec"
+) -> dict:
     """features.h5 + scores.h5 following the shared contract; returns what was written."""
     rng = np.random.default_rng(seed)
     flat = [(name, *row) for name, class_rows in rows.items() for row in class_rows]
@@ -70,7 +72,7 @@ def make_run(run: Path, data: Path, rows: dict, seed: int, *, constant_maps: boo
     gt = np.stack([small_mask(row[4]) for row in flat])
     has_mask = np.array([masks or row[3] == 0 for row in flat])
     run.mkdir(parents=True)
-    attrs = {"backbone_id": "tiny", "random_weights": True, "shots": 1, "seed": seed, "data_root": str(data), "layout": "mvtec", "resolution": R}
+    attrs = {"backbone_id": "tiny", "random_weights": True, "shots": 1, "seed": seed, "data_root": str(data), "layout": layout, "resolution": R}
     shapes = FeatureShapes(cls_token=(2, 4), qformer=(2, 4), vv=(1, 2, 4), mem=(1, 2, 4))
     with FeaturesWriter(run / "features.h5", attrs, shapes, R) as writer:
         columns = {
@@ -297,3 +299,27 @@ def test_maps_of_any_method(tmp_path: Path, data_root: tuple[Path, dict]) -> Non
     (maps_dir / rows["beta"][0][0]).with_suffix(".tiff").unlink()
     code, _, err = invoke("--maps", str(maps_dir), "--data", str(root), "--json")
     assert code == 1 and "no map for test image" in err
+
+
+def test_native_resolution_on_the_visa_layout(tmp_path: Path, shared_data: Path) -> None:
+    """Masks come from split_csv/1cls.csv (values are small class ids: binarised > 0)."""
+    root = shared_data / "visa"
+    rows: dict[str, list] = {}
+    with (root / "split_csv" / "1cls.csv").open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["split"] != "test":
+                continue
+            with Image.open(root / row["image"]) as image:
+                size = image.size[::-1]
+            mask = np.asarray(Image.open(root / row["mask"])) > 0 if row["mask"] else np.zeros(size, dtype=bool)
+            rows.setdefault(row["object"], []).append((row["image"], "anomaly" if row["mask"] else "good", int(bool(row["mask"])), mask))
+    rows = {name: sorted(class_rows) for name, class_rows in sorted(rows.items())}
+    w = make_run(tmp_path / "run", root, rows, seed=3, constant_maps=True, layout="visa")
+    code, out, err = invoke(str(tmp_path / "run"), "--json", "-q", "--resolution", "native")
+    assert code == 0, err
+    doc = json.loads(out)
+    for name in rows:
+        keep = np.flatnonzero(w["cls"] == name)
+        truth = np.concatenate([w["native"][i].ravel() for i in keep])
+        scores = np.concatenate([np.full(w["native"][i].shape, w["maps"][i, 0, 0]).ravel() for i in keep])
+        assert doc["classes"][name]["pixel_auroc"] == pytest.approx(roc_auc_score(truth, scores), abs=1e-9)
