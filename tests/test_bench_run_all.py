@@ -34,17 +34,20 @@ def test_merges_results_lists_missing_and_reports_failures(tmp_path: Path) -> No
     _write(tmp_path, "peak", STUB.replace("VALUE", "123.0"))
     _write(tmp_path, "extra", STUB.replace("VALUE", "7"))
     _write(tmp_path, "broken", "import sys\nprint('boom', file=sys.stderr)\nsys.exit(3)\n")
+    # A script without --quick is run without it (argparse would reject the flag).
+    _write(tmp_path, "plain", STUB.replace("VALUE", "5").replace('parser.add_argument("--quick", action="store_true")', "").replace("args.quick", "False"))
     out = tmp_path / "report.json"
     proc = _run(tmp_path, out, "--quick")
     assert proc.returncode == 1, proc.stderr
     report = json.loads(out.read_text())
     benches = report["benchmarks"]
-    assert list(benches) == ["peak", "extract", "train", "score", "metrics", "protocol", "broken", "extra"]
+    assert list(benches) == ["peak", "extract", "train", "score", "metrics", "protocol", "broken", "extra", "plain"]
     assert benches["peak"]["status"] == "ok"
     assert benches["peak"]["result"] == {"peak_gflops": 123.0, "quick": True}
     assert benches["extra"]["result"]["peak_gflops"] == 7
     for name in ("extract", "train", "score", "metrics", "protocol"):
         assert benches[name] == {"status": "missing"}
+    assert benches["plain"]["status"] == "ok" and benches["plain"]["quick"] is False
     broken = benches["broken"]
     assert broken["status"] == "failed" and broken["returncode"] == 3 and "boom" in broken["error"]
     assert report["machine"]["cpu_count"] >= 1 and report["machine"]["torch_version"]

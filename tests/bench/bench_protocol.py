@@ -370,7 +370,8 @@ def predict(units: dict[str, float], shape: Shape) -> dict[str, dict[str, float]
     iipad = {
         "extract": (n_train + n_test) * units["extract_b8_shared"],
         "train": epochs * n_train * units["train_step_truncated"],
-        "bank": units["bank_entry_iipad"],
+        # One batched call in the schedule; per-entry cost × entries is an upper bound.
+        "bank": n_train * units["bank_entry_iipad"],
         "score": n_test * units["score_image_iipad"],
     }
     encoders = units["released_encoders"]

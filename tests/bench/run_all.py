@@ -3,6 +3,7 @@
     python tests/bench/run_all.py --out bench-report.json [--quick] [--only peak,protocol]
 
 Each `bench_<name>.py` is run in its own process as `python bench_<name>.py --json TMP [--quick]`
+(--quick only where the script has that option)
 (a fresh process per stage, so one stage's allocations and thread pools do not bias the next).
 The report holds the machine (CPU model, cores, torch version and threads, GPU if any), then per
 benchmark its status (ok / failed / missing), wall time and the JSON it wrote. An expected script
@@ -63,9 +64,15 @@ def discover(bench_dir: Path, only: set[str] | None) -> list[tuple[str, Path | N
     return [(name, found.get(name)) for name in names]
 
 
+def supports_quick(script: Path) -> bool:
+    """Whether the script declares a --quick option (not every stage has a smaller variant)."""
+    return '"--quick"' in script.read_text()
+
+
 def run_one(script: Path, quick: bool, timeout: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
+        quick = quick and supports_quick(script)
         command = [sys.executable, str(script), "--json", str(out)] + (["--quick"] if quick else [])
         start = time.perf_counter()
         try:
@@ -73,7 +80,7 @@ def run_one(script: Path, quick: bool, timeout: float) -> dict:
         except subprocess.TimeoutExpired:
             return {"status": "failed", "seconds": time.perf_counter() - start, "error": f"timed out after {timeout:.0f} s"}
         seconds = time.perf_counter() - start
-        entry: dict = {"seconds": seconds, "command": " ".join(command[1:2] + command[4:])}
+        entry: dict = {"seconds": seconds, "quick": quick}
         if proc.returncode != 0 or not out.is_file():
             entry.update(status="failed", returncode=proc.returncode, error=proc.stderr[-ERROR_TAIL:])
             return entry
