@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from iipad_cli.artifacts import METRICS_JSON, read_manifest, record_stage, sha256_file
 from iipad_cli.cli import app
-from iipad_cli.demo_data import DemoCounts, build_demo_dataset
-from iipad_cli.stages.run import parse_seeds, seed_run_dir, stage_staleness
+from iipad_cli.stages import run as run_stage
+from iipad_cli.stages.run import RunOptions, RunResult, parse_seeds, stage_staleness
 
 STAGES = ("extract", "train", "bank", "score", "metrics")
 # `iipad demo`'s defaults, spelled out so `iipad run` can be asked for exactly the same run.
@@ -107,19 +107,41 @@ def test_a_deleted_output_reruns_only_its_stage(demo: tuple[Path, object], tmp_p
     assert all(stages[stage] == "skipped: current" for stage in ("extract", "train", "bank", "score"))
 
 
-def test_seeds_run_sibling_directories_and_print_mean_and_std(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    build_demo_dataset(data, seed=3, size=128, counts=DemoCounts(train_good=2, test_good=1, per_defect=1))
+def test_deleted_heatmaps_rerun_score(demo: tuple[Path, object]) -> None:
+    """The heatmap folder is not hashed in the manifest, so it is checked for by name."""
+    out, _ = demo
+    run_dir = out / "run-tiny"
+    shutil.rmtree(run_dir / "heatmaps")
+    _invoke(["run", str(out / "data"), "-o", str(run_dir), *DEMO_RUN_ARGS])
+    stages = _last_run_stages(run_dir)
+    assert stages["score"] == "ran: heatmaps/ missing"
+    assert all(stages[stage] == "skipped: current" for stage in ("extract", "train", "bank"))
+    assert len(list((run_dir / "heatmaps").rglob("*.png"))) == 30
+
+
+def test_seeds_run_sibling_directories_and_print_mean_and_std(
+    demo: tuple[Path, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--seeds runs one pipeline per seed in RUN-seed<N> and combines their metrics.
+
+    The pipeline itself is replaced by a copy of the demo's metrics (the demo test covers the
+    real one), which keeps this test about the sweep: directories, seeds, stdout, the table.
+    """
+    metrics = (demo[0] / "run-tiny" / METRICS_JSON).read_text()
+    calls: list[RunOptions] = []
+
+    def fake_pipeline(options: RunOptions) -> RunResult:
+        calls.append(options)
+        options.run_dir.mkdir(parents=True)
+        (options.run_dir / METRICS_JSON).write_text(metrics)
+        return RunResult(run_dir=options.run_dir)
+
+    monkeypatch.setattr(run_stage, "run_pipeline", fake_pipeline)
     base = tmp_path / "sweep"
-    result = _invoke(
-        ["run", str(data), "--shots", "1", "-o", str(base), "--backbone", "tiny", "--epochs", "1", "--seeds", "0,1",
-         "--device", "cpu", "--quiet"]
-    )
-    dirs = [seed_run_dir(base, 0), seed_run_dir(base, 1)]
+    result = _invoke(["run", "data", "--shots", "1", "-o", str(base), "--backbone", "tiny", "--seeds", "0,1", "--quiet"])
+    dirs = [tmp_path / "sweep-seed0", tmp_path / "sweep-seed1"]
     assert result.stdout.split() == [str(d) for d in dirs]
-    assert [d.name for d in dirs] == ["sweep-seed0", "sweep-seed1"]
-    for seed, run_dir in enumerate(dirs):
-        assert read_manifest(run_dir)["stages"]["extract"]["options"]["seed"] == seed
+    assert [(c.seed, c.run_dir, c.shots) for c in calls] == [(0, dirs[0], 1), (1, dirs[1], 1)]
     assert "mean ± std over 2 runs" in " ".join(result.stderr.split())
     assert not base.exists()
 

@@ -127,6 +127,8 @@ class _Stage:
     # Runs the stage; the flag says whether an earlier output of it exists (to be replaced).
     call: Callable[[RunOptions, bool], None]
     outputs: tuple[str, ...]
+    # Outputs the manifest does not hash (the heatmap folder): why they are missing, or None.
+    missing: Callable[[RunOptions], str | None] = lambda options: None
 
 
 def _weights(options: RunOptions) -> str | None:
@@ -234,6 +236,12 @@ def _score_options(options: RunOptions) -> dict[str, Any]:
     return key
 
 
+def _missing_heatmaps(options: RunOptions) -> str | None:
+    if options.heatmaps and not _heatmaps_dir(options).is_dir():
+        return f"{HEATMAPS_DIR}/ missing"
+    return None
+
+
 def _call_score(options: RunOptions, replace_existing: bool) -> None:
     from iipad_cli.stages.score import ScoreOptions, score_run
 
@@ -266,7 +274,7 @@ STAGES: tuple[_Stage, ...] = (
     _Stage("extract", _extract_options, _call_extract, (FEATURES_FILE,)),
     _Stage("train", _train_options, _call_train, (GENERATOR_FILE,)),
     _Stage("bank", _bank_options, _call_bank, (BANKS_FILE,)),
-    _Stage("score", _score_options, _call_score, (SCORES_FILE,)),
+    _Stage("score", _score_options, _call_score, (SCORES_FILE,), _missing_heatmaps),
     _Stage("metrics", _metrics_options, _call_metrics, (METRICS_JSON,)),
 )
 
@@ -283,6 +291,8 @@ def run_pipeline(options: RunOptions) -> RunResult:
     upstream_ran = False
     for stage in STAGES:
         reason = "--force" if options.force else stage_staleness(run_dir, stage.name, stage.key_options(options))
+        if reason is None:
+            reason = stage.missing(options)
         if reason is None and upstream_ran:
             reason = "an earlier stage ran"
         if reason is None:
