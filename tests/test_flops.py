@@ -135,3 +135,10 @@ def test_shared_trunk_drops_exactly_the_vision_tower(tiny: BackboneSpec) -> None
     shared = sum(flops.extract_macs(tiny, share_trunk=True).values())
     own = sum(flops.extract_macs(tiny, share_trunk=False).values())
     assert own - shared == flops.qformer_vision_macs(tiny.qformer)
+
+
+def test_released_training_text_cost_vit_l(vit_l: BackboneSpec) -> None:
+    # §8: "2 text passes with backward through the text encoder (≈ 3 × 26.6 ≈ 80 GF)": the released
+    # code computes the text weights' gradients too, so backward = 2 forwards.
+    text = flops.train_step_macs(vit_l, 77, text_weight_grads=True)["text"]
+    assert flops.gflop(text) == pytest.approx(3 * 26.6, rel=SUM_REL)
