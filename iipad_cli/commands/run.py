@@ -45,11 +45,12 @@ def register(app: typer.Typer) -> None:
         Example: iipad run data/mvtec --shots 1 --seeds 0,1,2 -o runs/mvtec-1shot
         """
         from iipad_cli.stages import run as run_stage
+        from iipad_cli.stages.extract import default_run_dir
 
         options = run_stage.RunOptions(
             data=data,
             shots=shots,
-            run_dir=output if output is not None else run_stage.default_run_dir(data, shots),
+            run_dir=output if output is not None else default_run_dir(data, shots),
             backbone=backbone,
             weights=weights,
             preset=preset,

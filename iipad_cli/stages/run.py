@@ -26,7 +26,6 @@ from iipad_cli.artifacts import (
     FEATURES_FILE,
     GENERATOR_FILE,
     HEATMAPS_DIR,
-    MANIFEST_FILE,
     METRICS_JSON,
     SCORES_FILE,
     read_manifest,
@@ -68,15 +67,6 @@ class StageOutcome:
 class RunResult:
     run_dir: Path
     outcomes: list[StageOutcome] = field(default_factory=list)
-
-    @property
-    def ran(self) -> list[str]:
-        return [outcome.stage for outcome in self.outcomes if outcome.ran]
-
-
-def default_run_dir(data: Path, shots: int) -> Path:
-    """design.md §1: `runs/<data-dir-name>-<K>shot` when `-o` is omitted."""
-    return Path("runs") / f"{Path(data).resolve().name}-{shots}shot"
 
 
 def _jsonable(value: Any) -> Any:
@@ -284,7 +274,6 @@ def run_pipeline(options: RunOptions) -> RunResult:
     if options.shots < 1:
         raise IipadError(f"--shots must be at least 1, got {options.shots}")
     run_dir = Path(options.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     options = replace(options, run_dir=run_dir)
     result = RunResult(run_dir=run_dir)
     started = time.perf_counter()
