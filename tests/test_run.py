@@ -164,6 +164,8 @@ def test_staleness_reasons(tmp_path: Path) -> None:
     assert stage_staleness(tmp_path, "s", {"epochs": 3}) == "option epochs not recorded"
     (tmp_path / "a.bin").write_bytes(b"other input")
     assert stage_staleness(tmp_path, "s", {}) == "input a.bin changed"
+    (tmp_path / "a.bin").unlink()
+    assert stage_staleness(tmp_path, "s", {}) is None
     (tmp_path / "b.bin").write_bytes(b"edited output")
     assert stage_staleness(tmp_path, "s", {}) == "b.bin changed since s wrote it"
     (tmp_path / "b.bin").unlink()
