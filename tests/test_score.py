@@ -171,3 +171,19 @@ def test_nan_features_name_the_image(run: Path, tmp_path: Path) -> None:
     code, _, stderr = _invoke("score", str(other), "--quiet", "--force")
     assert code == 1 and bad in stderr and "NaN" in stderr
     assert not (other / (SCORES_FILE + ".tmp")).exists()
+
+
+def test_predict_inputs_expand_directories_and_globs_and_names_stay_unique(tmp_path: Path) -> None:
+    from iipad_cli.errors import IipadError
+    from iipad_cli.stages.predict import expand_inputs, output_names
+
+    for rel in ("a/good/000.png", "a/bad/000.png", "a/bad/001.jpg", "b/notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    found = expand_inputs([str(tmp_path / "a"), str(tmp_path / "a" / "bad" / "*.png")])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a/bad/000.png", "a/bad/001.jpg", "a/good/000.png"]
+    assert output_names(found) == ["bad__000", "bad__001", "good__000"]
+    with pytest.raises(IipadError, match="no file matches"):
+        expand_inputs([str(tmp_path / "missing" / "*.png")])
+    with pytest.raises(IipadError, match="no images"):
+        expand_inputs([str(tmp_path / "b")])

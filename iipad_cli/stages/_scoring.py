@@ -145,7 +145,7 @@ def check_finite_features(features: dict[str, Tensor], names: Sequence[str], whe
         bad = ~torch.isfinite(features[field]).flatten(1).all(dim=1)
         if bool(bad.any()):
             first = int(bad.nonzero()[0, 0])
-            raise IipadError(f"{where}: image {names[first]}: {field} features hold NaN or Inf; re-extract it")
+            raise IipadError(f"{where}: image {names[first]}: {field} features hold NaN or Inf")
 
 
 def _check_finite_output(output: AnomalyOutput, names: Sequence[str]) -> None:

@@ -35,6 +35,7 @@ from iipad_cli.stages._scoring import (
     DEFAULT_SIGMA,
     RunModels,
     attach_banks,
+    check_finite_features,
     check_top_k,
     load_run_models,
     score_features,
@@ -92,7 +93,8 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
 
 
 def output_names(paths: Sequence[Path]) -> list[str]:
-    """The file stem, or as many parent directories as needed (joined by "__") to make it unique."""
+    """The file stems, all prefixed with as many parent directories as needed (joined by "__")
+    to make every name unique."""
     parts = [p.resolve().with_suffix("").parts for p in paths]
     depth = 1
     while depth <= max((len(x) for x in parts), default=1):
@@ -165,10 +167,7 @@ def predict(run_dir: Path, inputs: Sequence[str], out_dir: Path, options: Predic
                 # Round to the fp16 features.h5 stores: the run's test images were scored from those.
                 features = {name: getattr(encoded, name).half().float() for name in FEATURE_FIELDS}
                 labels = [str(p) for p in batch_paths]
-                for field in FEATURE_FIELDS:
-                    bad = ~torch.isfinite(features[field]).flatten(1).all(dim=1)
-                    if bool(bad.any()):
-                        raise IipadError(f"{labels[int(bad.nonzero()[0, 0])]}: {field} features hold NaN or Inf")
+                check_finite_features(features, labels, "predict")
                 result = score_features(models, features, labels, top_k=top_k, resolution=resolution, sigma=sigma)
                 for row, (path, name) in enumerate(zip(batch_paths, batch_names)):
                     amap = result.maps[row].float().cpu().numpy()

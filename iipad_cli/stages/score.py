@@ -22,7 +22,6 @@ from iipad_cli.artifacts import (
     BANKS_FILE,
     FEATURES_FILE,
     GENERATOR_FILE,
-    HEATMAPS_DIR,
     SCORES_FILE,
     provenance,
     record_stage,
@@ -188,6 +187,7 @@ def write_heatmaps(run_dir: Path, directory: Path, quiet: bool = False) -> int:
                 image = resized_image(root / rel_path, resolution)
             except IipadError as error:
                 err_console.print(f"[yellow]warning:[/] heatmap skipped: {error}", highlight=False, soft_wrap=True)
+                bar.update(task, advance=1)
                 continue
             mask = masks[row] if bool(scores.has_mask[row]) else None
             title = f"{rel_path}  image score {float(scores.image_score[row]):.4g}{note}"
