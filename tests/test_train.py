@@ -32,6 +32,16 @@ anomalous:
 """
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Training steps on `tiny` are a few milliseconds of arithmetic: with 2 threads on a loaded
+    2-core machine, thread synchronisation costs several times the step itself."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def features_file(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """features.h5 of 2 bottle shots (+ test images) extracted with `tiny` (random weights)."""
