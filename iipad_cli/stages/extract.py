@@ -140,7 +140,7 @@ def _weights_attrs(spec: BackboneSpec, weights_dir: Path | None) -> dict[str, An
     return {"weights_sha256": sorted([file_sha256(paths.clip), file_sha256(paths.qformer)]), "random_weights": False}
 
 
-def _listing_digest(dataset: Dataset) -> str:
+def listing_digest(dataset: Dataset) -> str:
     """Hash of the image listing, so a data folder that gained or lost files is not mixed into a file."""
     rows = [
         [s.split, s.rel_path, s.cls, s.defect, s.label, s.mask_path.as_posix() if s.mask_path else None]
@@ -169,7 +169,7 @@ def _file_attrs(options: ExtractOptions, dataset: Dataset, spec: BackboneSpec, s
         "layout": dataset.layout,
         "classes": list(dataset.classes),
         "shots_files": files,
-        "samples_sha256": _listing_digest(dataset),
+        "samples_sha256": listing_digest(dataset),
         "num_train": len(shots),
         "num_test": len(dataset.test),
         "preprocessing": {
@@ -306,6 +306,7 @@ def _extract_split(
 def _manifest_options(options: ExtractOptions, dataset: Dataset) -> dict[str, Any]:
     return {
         "data": str(dataset.root),
+        "samples_sha256": listing_digest(dataset),
         "shots": options.shots,
         "backbone": options.backbone,
         "weights": str(options.weights) if options.weights is not None else None,
