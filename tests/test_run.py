@@ -119,6 +119,19 @@ def test_deleted_heatmaps_rerun_score(demo: tuple[Path, object]) -> None:
     assert len(list((run_dir / "heatmaps").rglob("*.png"))) == 30
 
 
+def test_new_images_in_the_data_make_extract_stale(demo: tuple[Path, object]) -> None:
+    out, _ = demo
+    options = RunOptions(data=out / "data", shots=2, run_dir=out / "run-tiny", backbone="tiny", epochs=5)
+    assert stage_staleness(options.run_dir, "extract", run_stage._extract_options(options)) is None
+    extra = out / "data" / "wood" / "test" / "good" / "999.png"
+    shutil.copy(out / "data" / "wood" / "test" / "good" / "000.png", extra)
+    try:
+        reason = stage_staleness(options.run_dir, "extract", run_stage._extract_options(options))
+    finally:
+        extra.unlink()
+    assert reason is not None and reason.startswith("option samples_sha256 changed")
+
+
 def test_seeds_run_sibling_directories_and_print_mean_and_std(
     demo: tuple[Path, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

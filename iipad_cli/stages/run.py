@@ -127,8 +127,14 @@ def _weights(options: RunOptions) -> str | None:
 
 
 def _extract_options(options: RunOptions) -> dict[str, Any]:
+    from iipad_cli.data.layouts import load_dataset
+    from iipad_cli.stages.extract import listing_digest
+
+    dataset = load_dataset(options.data)
     return {
-        "data": str(Path(options.data).expanduser().resolve()),
+        "data": str(dataset.root),
+        # A data folder that gained or lost images (or masks) makes the features stale.
+        "samples_sha256": listing_digest(dataset),
         "shots": options.shots,
         "backbone": options.backbone,
         "weights": _weights(options),
