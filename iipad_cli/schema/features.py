@@ -246,3 +246,13 @@ def check_features_compatible(
             raise IipadError(
                 f"{path}: made with {key} {attrs.get(key)!r}, not {value!r}; re-run `iipad extract` or pass --force"
             )
+
+
+def check_backbone_weights(path: Path, stored: dict[str, str], loaded: dict[str, str], backbone_id: str) -> None:
+    """The encoders must be the ones the features were extracted with (compared by hash: the
+    weight files may have moved)."""
+    if sorted(stored.values()) != sorted(loaded.values()):
+        raise IipadError(
+            f"{path}: extracted with other {backbone_id} weights ({sorted(stored.values())}) than the ones loaded "
+            f"({sorted(loaded.values())}); pass the same --weights directory"
+        )

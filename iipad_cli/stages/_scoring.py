@@ -26,7 +26,7 @@ from iipad_cli.models.backbone import Backbone
 from iipad_cli.models.prompt_generator import PromptGenerator
 from iipad_cli.models.registry import get_spec, load_backbone
 from iipad_cli.schema.banks import Banks, load_banks, read_banks_metadata
-from iipad_cli.schema.features import FEATURE_FIELDS, load_features_attrs
+from iipad_cli.schema.features import FEATURE_FIELDS, check_backbone_weights, load_features_attrs
 from iipad_cli.schema.generator import load_generator
 
 DEFAULT_SIGMA = 4.0
@@ -56,16 +56,6 @@ def preset_from_metadata(meta: dict[str, Any], path: Path) -> Preset:
         return Preset(**meta["preset"])
     except (KeyError, TypeError) as error:
         raise IipadError(f"{path}: no usable preset in metadata ({error})") from None
-
-
-def check_weights(path: Path, stored: dict[str, str], loaded: dict[str, str], backbone_id: str) -> None:
-    """The encoders must be the ones the features were extracted with (compared by hash: the
-    weight files may have moved)."""
-    if sorted(stored.values()) != sorted(loaded.values()):
-        raise IipadError(
-            f"{path}: extracted with other {backbone_id} weights ({sorted(stored.values())}) than the ones loaded "
-            f"({sorted(loaded.values())}); pass the same --weights directory"
-        )
 
 
 def _refuse(condition: bool, message: str, force: bool) -> None:
@@ -99,7 +89,7 @@ def load_run_models(
         force,
     )
     backbone = load_backbone(get_spec(backbone_id), weights, device)
-    check_weights(features_path, dict(attrs.get("weights", {})), backbone.weights, backbone_id)
+    check_backbone_weights(features_path, dict(attrs.get("weights", {})), backbone.weights, backbone_id)
     backbone.text_encoder.eval()
     return RunModels(
         run_dir=run_dir,

@@ -36,7 +36,7 @@ from iipad_cli.losses import normalise, prompt_losses
 from iipad_cli.models.prompt_generator import GeneratorConfig, PromptGenerator
 from iipad_cli.models.registry import get_spec, load_backbone
 from iipad_cli.prompts import manual_prompt_embeddings, select_prompts
-from iipad_cli.schema.features import load_features_attrs, read_split
+from iipad_cli.schema.features import check_backbone_weights, load_features_attrs, read_split
 from iipad_cli.schema.generator import read_generator_metadata, save_generator
 from iipad_cli.ui import log, progress
 
@@ -160,16 +160,6 @@ def _refuse_stale_generator(run_dir: Path, features_sha: str, backbone_id: str, 
         )
 
 
-def _check_weights(path: Path, stored: dict[str, str], loaded: dict[str, str], backbone_id: str) -> None:
-    """The text tower must be the one the features were extracted with (compared by hash, since
-    the weight files may have moved)."""
-    if sorted(stored.values()) != sorted(loaded.values()):
-        raise IipadError(
-            f"{path}: extracted with other {backbone_id} weights ({sorted(stored.values())}) than the ones loaded "
-            f"({sorted(loaded.values())}); pass the same --weights directory"
-        )
-
-
 def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, lineterminator="\n")
@@ -194,7 +184,7 @@ def train(run_dir: Path, options: TrainOptions) -> TrainResult:
 
     device = resolve_device(options.device)
     backbone = load_backbone(get_spec(backbone_id), options.weights, device)
-    _check_weights(features_path, dict(attrs.get("weights", {})), backbone.weights, backbone_id)
+    check_backbone_weights(features_path, dict(attrs.get("weights", {})), backbone.weights, backbone_id)
     text_encoder = backbone.text_encoder.eval()
 
     prompts = select_prompts(preset.prompt_templates, attrs.get("layout"), options.prompts)
