@@ -54,7 +54,9 @@ from iipad_cli.models.registry import build_random_backbone, get_spec
 from iipad_cli.models.vv_clip import vv_forward
 
 EXTRACT_BATCH = 8
-SCORE_BATCH = 8
+# `iipad score` runs the generator and text encoder one image at a time (both prompts in one batch
+# of 2) so that `score` and `predict` agree bit for bit (docs/performance.md, score section).
+SCORE_BATCH = 1
 RESOLUTION = 224
 SIGMA = 4.0
 PRESET = get_preset("official")
@@ -374,9 +376,7 @@ def measure_units(backbone: Backbone, manual: tuple[Tensor, Tensor], repeats: in
         units["text_forward_full_per_prompt"] = median_seconds(lambda: backbone.text_encoder(prompts[:1], context=FULL_CONTEXT), repeats)
         bank = make_bank(backbone, generator, bank_feats, TRUNCATED_CONTEXT, True)
         units["bank_entry_iipad"] = median_seconds(lambda: make_bank(backbone, generator, one, TRUNCATED_CONTEXT, True), repeats)
-        units["score_image_iipad"] = median_seconds(
-            lambda: score(backbone, generator, feats, bank, 1, TRUNCATED_CONTEXT, True), repeats
-        ) / EXTRACT_BATCH
+        units["score_image_iipad"] = median_seconds(lambda: score(backbone, generator, one, bank, 1, TRUNCATED_CONTEXT, True), repeats)
         generator.train()
         units["bank_entry_released"] = median_seconds(lambda: make_bank(backbone, generator, one, FULL_CONTEXT, False), repeats)
         units["score_image_released"] = median_seconds(lambda: score(backbone, generator, one, bank, 1, FULL_CONTEXT, False), repeats)
