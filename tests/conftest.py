@@ -23,7 +23,8 @@ def shared_data() -> Path:
     root = shared_data_root()
     if not (root / "mvtec").is_dir():
         pytest.fail(f"real-image fixtures not found at {root}; set IIPAD_SHARED_DATA")
-    return root
+    # Resolved, because stages record resolved data roots and name files by their real path.
+    return root.resolve()
 
 
 @pytest.fixture(scope="session", autouse=True)
