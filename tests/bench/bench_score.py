@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from _report import emit_report, machine_info  # noqa: E402
 
 from iipad_cli.config import BackboneSpec, get_preset  # noqa: E402
 from iipad_cli.models.anomaly import normalise  # noqa: E402
@@ -168,17 +168,8 @@ def main() -> None:
             "score_features_vit_l_14": bench_features("vit-l-14", args.images, device),
         }
     results.update(bench_stages(shared, args.device))
-    results["machine"] = {
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": args.device,
-        "note": "random weights",
-    }
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    results["machine"] = machine_info(args.device)
+    emit_report(results, args.json)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ does per step, on random feature tensors (features are read from disk once per r
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from _report import emit_report, machine_info  # noqa: E402
 
 from iipad_cli.config import get_preset  # noqa: E402
 from iipad_cli.losses import normalise, prompt_losses  # noqa: E402
@@ -133,17 +132,8 @@ def main() -> None:
     }
     truncated = results["train_step_vit_l_14_truncated"]["steps_per_s"]
     results["vit_l_14_truncated_speedup"] = round(truncated / results["train_step_vit_l_14_full"]["steps_per_s"], 2)
-    results["machine"] = {
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": args.device,
-        "note": "random weights",
-    }
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    results["machine"] = machine_info(args.device)
+    emit_report(results, args.json)
 
 
 if __name__ == "__main__":
