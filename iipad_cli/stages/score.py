@@ -1,8 +1,9 @@
 """`iipad score`: anomaly maps and image scores for every test image -> RUN/scores.h5 (+ heatmaps).
 
-Batched over test images: the generator + text encoder give each test image its own prompts,
-retrieval picks the top-k bank images by Q-Former similarity, and eqs. 15–18 give the maps
-(upsampled and smoothed on the device) and the image score of the preset. Every component of the
+The generator + text encoder give each test image its own prompts (one image at a time, so that
+`predict` reproduces these scores bit for bit: batched CPU kernels round a row differently by its
+position in the batch); retrieval picks the top-k bank images by Q-Former similarity, and eqs.
+15–18 give the maps (batched, upsampled and smoothed on the device) and the preset's image score. Every component of the
 image score is stored so the other formula can be evaluated without rescoring.
 """
 
