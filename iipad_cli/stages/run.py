@@ -163,39 +163,32 @@ def _call_extract(options: RunOptions, replace_existing: bool) -> None:
     )
 
 
-def _train_options(options: RunOptions) -> dict[str, Any]:
-    from iipad_cli.stages.train import TrainOptions, effective_preset
+def _train_stage_options(options: RunOptions, force: bool = False) -> Any:
+    from iipad_cli.stages.train import TrainOptions
 
-    preset = effective_preset(TrainOptions(preset=options.preset, epochs=options.epochs))
-    return {
-        "preset": options.preset,
-        "epochs": preset.epochs,
-        "lr": preset.lr,
-        "weight_decay": preset.weight_decay,
-        "schedule": preset.schedule,
-        "eta_min": preset.eta_min,
-        "batch_size": TrainOptions.batch_size,
-        "seed": options.seed,
-        "prompts": None,
-    }
+    return TrainOptions(
+        preset=options.preset,
+        epochs=options.epochs,
+        seed=options.seed,
+        weights=options.weights,
+        device=options.device,
+        force=force,
+        quiet=options.quiet,
+    )
+
+
+def _train_options(options: RunOptions) -> dict[str, Any]:
+    from iipad_cli.stages.train import effective_preset, recorded_options
+
+    train_options = _train_stage_options(options)
+    return recorded_options(train_options, effective_preset(train_options))
 
 
 def _call_train(options: RunOptions, replace_existing: bool) -> None:
-    from iipad_cli.stages.train import TrainOptions, train
+    from iipad_cli.stages.train import train
 
-    train(
-        options.run_dir,
-        TrainOptions(
-            preset=options.preset,
-            epochs=options.epochs,
-            seed=options.seed,
-            weights=options.weights,
-            device=options.device,
-            # Retraining on new features is the point of rerunning; train refuses it without force.
-            force=options.force or replace_existing,
-            quiet=options.quiet,
-        ),
-    )
+    # Retraining on new features is the point of rerunning; train refuses it without force.
+    train(options.run_dir, _train_stage_options(options, force=options.force or replace_existing))
 
 
 def _bank_options(options: RunOptions) -> dict[str, Any]:

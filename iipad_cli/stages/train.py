@@ -83,6 +83,22 @@ class TrainFeatures:
     vv: Tensor  # (N, L, P, D)
 
 
+def recorded_options(options: TrainOptions, preset: Preset) -> dict[str, Any]:
+    """The training options that define the result, as recorded in the manifest and generator
+    metadata; `iipad run` compares them to decide whether training is current."""
+    return {
+        "preset": options.preset,
+        "epochs": preset.epochs,
+        "lr": preset.lr,
+        "weight_decay": preset.weight_decay,
+        "schedule": preset.schedule,
+        "eta_min": preset.eta_min,
+        "batch_size": options.batch_size,
+        "seed": options.seed,
+        "prompts": str(options.prompts) if options.prompts else None,
+    }
+
+
 def effective_preset(options: TrainOptions) -> Preset:
     """The named preset with the user's overrides applied (the values actually trained with)."""
     preset = get_preset(options.preset)
@@ -257,17 +273,7 @@ def train(run_dir: Path, options: TrainOptions) -> TrainResult:
     steps_per_second = step / loop_seconds if loop_seconds > 0 else float("inf")
     final_losses = {name: sum(v[name] for v in last_epoch) / len(last_epoch) for name in last_epoch[0]}
 
-    recorded = {
-        "preset": options.preset,
-        "epochs": preset.epochs,
-        "lr": preset.lr,
-        "weight_decay": preset.weight_decay,
-        "schedule": preset.schedule,
-        "eta_min": preset.eta_min,
-        "batch_size": options.batch_size,
-        "seed": options.seed,
-        "prompts": str(options.prompts) if options.prompts else None,
-    }
+    recorded = recorded_options(options, preset)
     training = {
         **recorded,
         "steps": step,
