@@ -27,6 +27,12 @@ def shared_data() -> Path:
     return root.resolve()
 
 
+@pytest.fixture(autouse=True)
+def _feature_store_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test (and every process it starts) uses its own feature store, never ~/.cache/iipad."""
+    monkeypatch.setenv("IIPAD_CACHE", str(tmp_path / "iipad-cache"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _cpu_threads() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
