@@ -22,6 +22,26 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+@app.callback()
+def _check_launch(context: typer.Context) -> None:
+    """Refuse, before any work, a single-process command started by torchrun with WORLD_SIZE > 1
+    (distributed.py). Exit code 2 (bad usage); only rank 0 prints the line, not every rank."""
+    from iipad_cli.distributed import UsageError, check_command, launch_from_env
+
+    try:
+        launch = launch_from_env()
+        check_command(context.invoked_subcommand or "", launch)
+    except UsageError as error:
+        if launch.is_main:
+            err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=2) from None
+    except IipadError as error:
+        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1) from None
+
+
 # Importing the command modules registers their commands on `app`.
 from iipad_cli.commands import register_all  # noqa: E402
 

@@ -48,4 +48,5 @@ def register(app: typer.Typer) -> None:
                 top_k=top_k, sigma=sigma, batch_size=batch_size, weights=weights, device=device, force=force, quiet=quiet
             ),
         )
-        typer.echo(str(result.csv_path))
+        if result.rank == 0:
+            typer.echo(str(result.csv_path))

@@ -7,18 +7,25 @@ uses — so an image of the run's test split gets exactly its map and score from
 
 Writes into OUT, per image, `<name>.npy` (the float32 map at the run's resolution) and `<name>.png`
 (image | overlay with a colour bar), plus `predictions.csv` and `predict.json` (provenance).
-A corrupt image is reported on stderr and skipped; the others are still scored.
+A corrupt image is reported on stderr and skipped; the others are still scored. Images stream
+through (decode -> encode -> score -> files), batch by batch; no features are kept.
+
+Under torchrun (distributed.py) every rank loads the run's models, scores a contiguous shard of
+whole batches (the batches one process would form, so the numbers are the same) and streams its
+CSV rows to `predictions.csv.part-R-of-W`; rank 0 then concatenates the parts in rank order, which
+is the input order, into one `predictions.csv` (atomically) and writes `predict.json`.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
-import io
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +33,7 @@ import torch
 from iipad_cli.artifacts import SCORES_FILE, atomic_path, provenance, write_json_atomic
 from iipad_cli.data.images import preprocess_image
 from iipad_cli.data.layouts import is_image
-from iipad_cli.devices import resolve_device
+from iipad_cli.distributed import Launch, launch_from_env, process_group, rank_device, shard_range
 from iipad_cli.errors import IipadError
 from iipad_cli.schema.features import FEATURE_FIELDS
 from iipad_cli.schema.scores import read_scores_attrs
@@ -46,6 +53,8 @@ from iipad_cli.viz import heatmap_figure, save_png
 
 PREDICTIONS_CSV = "predictions.csv"
 PREDICT_JSON = "predict.json"
+# Each rank's rows go to predictions.csv.part-RRRRR-of-WWWWW until rank 0 merges them.
+PART_INFIX = ".part-"
 CSV_COLUMNS = ("path", "image_score", "prompt_max", "visual_max", "p_normal", "retrieval_sim", "retrieved")
 
 
@@ -68,6 +77,8 @@ class PredictResult:
     scored: int
     skipped: list[str]
     csv_path: Path
+    # Under torchrun only rank 0 prints the result (one line on stdout, not one per rank).
+    rank: int = 0
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[Path]:
@@ -123,12 +134,36 @@ def _scale(models: RunModels) -> tuple[float, float] | None:
     return float(attrs["map_min"]), float(attrs["map_max"])
 
 
-def predict(run_dir: Path, inputs: Sequence[str], out_dir: Path, options: PredictOptions) -> PredictResult:
-    started = time.perf_counter()
-    if options.batch_size < 1:
-        raise IipadError(f"--batch-size must be at least 1, not {options.batch_size}")
-    paths = expand_inputs(inputs)
-    device = resolve_device(options.device)
+@dataclass(frozen=True)
+class _ShardOutcome:
+    """What one rank did: its part of predictions.csv (rows in input order, no header)."""
+
+    rank: int
+    part: Path
+    scored: int
+    skipped: list[str]
+    seconds: float
+    device: str
+    settings: dict[str, Any]
+
+
+def _part_path(out_dir: Path, launch: Launch) -> Path:
+    return out_dir / f"{PREDICTIONS_CSV}{PART_INFIX}{launch.rank:05d}-of-{launch.world_size:05d}"
+
+
+def _predict_shard(
+    run_dir: Path,
+    paths: Sequence[Path],
+    names: Sequence[str],
+    shard: range,
+    out_dir: Path,
+    options: PredictOptions,
+    device: torch.device,
+    launch: Launch,
+) -> _ShardOutcome:
+    """Score the images at positions `shard`, streaming each batch's maps, overlays and CSV rows to
+    disk, so memory does not grow with the number of images."""
+    quiet = options.quiet or not launch.is_main
     models = attach_banks(
         load_run_models(run_dir, weights=options.weights, device=device, force=options.force, hash_features=False),
         options.force,
@@ -141,17 +176,18 @@ def predict(run_dir: Path, inputs: Sequence[str], out_dir: Path, options: Predic
     resolution = int(attrs["resolution"])
     scale = _scale(models)
     note = RANDOM_NOTE if bool(attrs.get("random_weights", False)) else ""
-    names = output_names(paths)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, str]] = []
+    scored = 0
     skipped: list[str] = []
-    score_started = time.perf_counter()
-    with progress(options.quiet) as bar:
-        task = bar.add_task("predict", total=len(paths), rate="")
-        for start in range(0, len(paths), options.batch_size):
+    part = _part_path(out_dir, launch)
+    started = time.perf_counter()
+    label = "predict" if not launch.distributed else f"predict ({launch})"
+    with atomic_path(part) as tmp, tmp.open("w", newline="") as handle, progress(quiet) as bar:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        task = bar.add_task(label, total=len(shard), rate="")
+        for start in range(shard.start, shard.stop, options.batch_size):
+            stop = min(start + options.batch_size, shard.stop)
             batch_paths, batch_names, images = [], [], []
-            for path, name in zip(paths[start : start + options.batch_size], names[start : start + options.batch_size]):
+            for path, name in zip(paths[start:stop], names[start:stop]):
                 try:
                     tensor, _ = preprocess_image(path, spec.image_size)
                 except IipadError as error:
@@ -171,8 +207,8 @@ def predict(run_dir: Path, inputs: Sequence[str], out_dir: Path, options: Predic
                 result = score_features(models, features, labels, top_k=top_k, resolution=resolution, sigma=sigma)
                 for row, (path, name) in enumerate(zip(batch_paths, batch_names)):
                     amap = result.maps[row].float().cpu().numpy()
-                    with atomic_path(out_dir / f"{name}.npy") as tmp, open(tmp, "wb") as handle:
-                        np.save(handle, amap)
+                    with atomic_path(out_dir / f"{name}.npy") as npy, open(npy, "wb") as npy_handle:
+                        np.save(npy_handle, amap)
                     vmin, vmax = scale if scale is not None else (float(amap.min()), float(amap.max()))
                     score = float(result.image_score[row])
                     figure = heatmap_figure(
@@ -180,7 +216,7 @@ def predict(run_dir: Path, inputs: Sequence[str], out_dir: Path, options: Predic
                         title=f"{path.name}  image score {score:.4g}{note}",
                     )
                     save_png(figure, out_dir / f"{name}.png")
-                    rows.append(
+                    writer.writerow(
                         {
                             "path": str(path),
                             "image_score": repr(score),
@@ -191,41 +227,104 @@ def predict(run_dir: Path, inputs: Sequence[str], out_dir: Path, options: Predic
                             "retrieved": ";".join(models.banks.paths[int(i)] for i in result.retrieved[row]),
                         }
                     )
-            done = min(start + options.batch_size, len(paths))
-            elapsed = time.perf_counter() - score_started
-            bar.update(task, completed=done, rate=f"{len(rows) / elapsed:.1f} img/s" if elapsed > 0 else "")
-    seconds = time.perf_counter() - score_started
-    if not rows:
-        raise IipadError(f"none of the {len(paths)} images could be scored")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    csv_path = out_dir / PREDICTIONS_CSV
-    with atomic_path(csv_path) as tmp:
-        tmp.write_text(buffer.getvalue())
-    rate = len(rows) / seconds if seconds > 0 else 0.0
+                scored += len(batch_paths)
+            elapsed = time.perf_counter() - started
+            bar.update(task, completed=stop - shard.start, rate=f"{scored / elapsed:.1f} img/s" if elapsed > 0 else "")
+    settings = {
+        "backbone_id": str(attrs["backbone_id"]),
+        "random_weights": bool(attrs.get("random_weights", False)),
+        "preset": models.preset.name,
+        "image_score_formula": models.preset.image_score,
+        "top_k": top_k,
+        "sigma": sigma,
+        "resolution": resolution,
+        "generator_sha256": models.generator_sha,
+        "banks_sha256": models.banks_sha,
+        "overlay_scale": list(scale) if scale is not None else "per image",
+        "note": note,
+    }
+    return _ShardOutcome(
+        rank=launch.rank,
+        part=part,
+        scored=scored,
+        skipped=skipped,
+        seconds=time.perf_counter() - started,
+        device=str(device),
+        settings=settings,
+    )
+
+
+def _merge_parts(csv_path: Path, parts: Sequence[Path]) -> None:
+    """One predictions.csv from the ranks' parts, in rank order (= input order), written atomically;
+    the parts (and any left by an interrupted run) are removed only after the rename."""
+    with atomic_path(csv_path) as tmp, tmp.open("w", newline="") as handle:
+        csv.DictWriter(handle, fieldnames=CSV_COLUMNS, lineterminator="\n").writeheader()
+        for part in parts:
+            with part.open(newline="") as source:
+                shutil.copyfileobj(source, handle)
+    for leftover in csv_path.parent.glob(f"{PREDICTIONS_CSV}{PART_INFIX}*"):
+        leftover.unlink(missing_ok=True)
+
+
+def _finish(
+    run_dir: Path, out_dir: Path, outcomes: Sequence[_ShardOutcome], launch: Launch, started: float, quiet: bool
+) -> None:
+    """Rank 0's share of the end: the merged predictions.csv, predict.json and the summary line."""
+    scored = sum(o.scored for o in outcomes)
+    skipped = [path for o in outcomes for path in o.skipped]
+    _merge_parts(out_dir / PREDICTIONS_CSV, [o.part for o in outcomes])
+    seconds = max(o.seconds for o in outcomes)
+    rate = scored / seconds if seconds > 0 else 0.0
+    settings = outcomes[0].settings
     write_json_atomic(
         out_dir / PREDICT_JSON,
         {
             **provenance(),
             "run_dir": str(Path(run_dir).resolve()),
-            "backbone_id": str(attrs["backbone_id"]),
-            "random_weights": bool(attrs.get("random_weights", False)),
-            "preset": models.preset.name,
-            "image_score_formula": models.preset.image_score,
-            "top_k": top_k,
-            "sigma": sigma,
-            "resolution": resolution,
-            "generator_sha256": models.generator_sha,
-            "banks_sha256": models.banks_sha,
-            "scored": len(rows),
+            **{key: value for key, value in settings.items() if key != "note"},
+            "scored": scored,
             "skipped": skipped,
             "seconds": round(time.perf_counter() - started, 3),
             "images_per_s": round(rate, 3),
-            "overlay_scale": list(scale) if scale is not None else "per image",
+            "world_size": launch.world_size,
+            "ranks": [
+                {"rank": o.rank, "device": o.device, "scored": o.scored, "seconds": round(o.seconds, 3)} for o in outcomes
+            ],
         },
     )
-    log(f"predicted {len(rows)} images in {seconds:.1f} s ({rate:.2f} images/s){note}, skipped {len(skipped)} -> {out_dir}", options.quiet)
-    return PredictResult(out_dir=out_dir, scored=len(rows), skipped=skipped, csv_path=csv_path)
+    ranks = f" on {launch.world_size} ranks" if launch.distributed else ""
+    log(
+        f"predicted {scored} images{ranks} in {seconds:.1f} s ({rate:.2f} images/s){settings['note']}, "
+        f"skipped {len(skipped)} -> {out_dir}",
+        quiet,
+    )
 
+
+def predict(run_dir: Path, inputs: Sequence[str], out_dir: Path, options: PredictOptions) -> PredictResult:
+    """Score `inputs` with the run; under torchrun each rank scores a contiguous shard of whole
+    batches and rank 0 merges the ranks' rows into one predictions.csv in input order."""
+    started = time.perf_counter()
+    if options.batch_size < 1:
+        raise IipadError(f"--batch-size must be at least 1, not {options.batch_size}")
+    launch = launch_from_env()
+    device = rank_device(options.device, launch)
+    out_dir = Path(out_dir)
+    with process_group(launch, device) as group:
+        paths = group.from_main(lambda: expand_inputs(inputs))
+        names = output_names(paths)
+        shard = shard_range(len(paths), options.batch_size, launch.rank, launch.world_size)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        outcome = group.collectively(
+            lambda: _predict_shard(run_dir, paths, names, shard, out_dir, options, device, launch)
+        )
+        outcomes = group.gather(outcome)
+        scored = sum(o.scored for o in outcomes)
+        if scored == 0:
+            raise IipadError(f"none of the {len(paths)} images could be scored")
+        # Collective, so no rank reports success before predictions.csv exists, nor waits on a
+        # rank 0 whose merge failed.
+        group.collectively(
+            lambda: _finish(run_dir, out_dir, outcomes, launch, started, options.quiet) if launch.is_main else None
+        )
+    skipped = [path for o in outcomes for path in o.skipped]
+    return PredictResult(out_dir=out_dir, scored=scored, skipped=skipped, csv_path=out_dir / PREDICTIONS_CSV, rank=launch.rank)

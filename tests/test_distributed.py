@@ -1,0 +1,316 @@
+"""torchrun support (iipad_cli/distributed.py): the launch variables, the deterministic shards, the
+refusal of single-process commands, the collectives across two real gloo processes, and
+`iipad predict` under `torchrun --standalone --nproc-per-node 2` equal to one process.
+
+The multi-process tests start real processes with the venv's `torchrun` (one CPU thread per rank,
+OMP_NUM_THREADS=1) and a timeout, so a broken rendezvous fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from iipad_cli.cli import app
+from iipad_cli.distributed import (
+    DISTRIBUTED_COMMANDS,
+    Group,
+    Launch,
+    UsageError,
+    check_command,
+    launch_from_env,
+    shard_range,
+)
+from iipad_cli.errors import IipadError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# Generous: two ranks plus their torch imports share a loaded 2-core machine.
+PROCESS_TIMEOUT_S = 600
+
+
+def _tool(name: str) -> str:
+    path = BIN / name
+    if not path.is_file():
+        pytest.fail(f"{path} not found: install the package into this venv (pip install -e '.[test]')")
+    return str(path)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """This checkout first on the path (the venv's editable install may point at another one), one
+    CPU thread per process, and no launch variables inherited from a surrounding torchrun."""
+    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env["OMP_NUM_THREADS"] = "1"
+    env["MKL_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def _run(command: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, env=_env(**env), capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S, cwd=REPO_ROOT
+    )
+
+
+def _torchrun(nproc: int, *command: str) -> list[str]:
+    return [_tool("torchrun"), "--standalone", "--nproc-per-node", str(nproc), *command]
+
+
+# --- launch variables -------------------------------------------------------------------------
+
+
+def test_no_launch_variables_is_a_world_of_one() -> None:
+    assert launch_from_env({}) == Launch(rank=0, world_size=1, local_rank=0, local_world_size=1)
+    assert not launch_from_env({}).distributed and launch_from_env({}).is_main
+
+
+def test_launch_reads_torchruns_variables() -> None:
+    launch = launch_from_env({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"})
+    assert launch == Launch(rank=5, world_size=8, local_rank=1, local_world_size=4)
+    assert launch.distributed and not launch.is_main
+    # One node: LOCAL_* default to the global values.
+    assert launch_from_env({"RANK": "1", "WORLD_SIZE": "2"}) == Launch(1, 2, 1, 2)
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two'"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0"),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2"),
+        ({"WORLD_SIZE": "2", "RANK": "-1"}, "RANK=-1"),
+        ({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "2"}, "LOCAL_RANK=2"),
+        ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_WORLD_SIZE": "3"}, "LOCAL_WORLD_SIZE=3"),
+    ],
+)
+def test_inconsistent_launch_variables_are_one_line_errors(environ: dict[str, str], named: str) -> None:
+    with pytest.raises(IipadError) as raised:
+        launch_from_env(environ)
+    assert named in str(raised.value) and "\n" not in str(raised.value)
+
+
+# --- shards -----------------------------------------------------------------------------------
+
+
+def test_shards_written_out() -> None:
+    # 10 items in batches of 3: [0,3) [3,6) [6,9) [9,10); two ranks take two batches each.
+    assert [shard_range(10, 3, rank, 2) for rank in range(2)] == [range(0, 6), range(6, 10)]
+    # Three ranks, four batches: 1, 1, 2 batches (floor(4*r/3) boundaries 0, 1, 2, 4).
+    assert [shard_range(10, 3, rank, 3) for rank in range(3)] == [range(0, 3), range(3, 6), range(6, 10)]
+    # More ranks than batches: some ranks get nothing.
+    assert [shard_range(2, 8, rank, 3) for rank in range(3)] == [range(0, 0), range(0, 0), range(0, 2)]
+    assert [len(shard_range(0, 4, rank, 2)) for rank in range(2)] == [0, 0]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 7])
+def test_shards_are_disjoint_ordered_whole_batches(world_size: int, batch_size: int) -> None:
+    for count in range(0, 40):
+        shards = [shard_range(count, batch_size, rank, world_size) for rank in range(world_size)]
+        # In rank order, the shards concatenate to the whole list, each position once.
+        assert [i for shard in shards for i in shard] == list(range(count))
+        # The batches one process forms: the same cut points.
+        single = [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+        per_rank = [
+            [list(range(start, min(start + batch_size, shard.stop))) for start in range(shard.start, shard.stop, batch_size)]
+            for shard in shards
+        ]
+        assert [batch for batches in per_rank for batch in batches] == single
+        # Balanced to within one batch.
+        sizes = [len(batches) for batches in per_rank]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_shard_rejects_impossible_arguments() -> None:
+    with pytest.raises(ValueError):
+        shard_range(10, 0, 0, 1)
+    with pytest.raises(ValueError):
+        shard_range(10, 2, 2, 2)
+
+
+# --- commands that refuse ---------------------------------------------------------------------
+
+
+def test_only_predict_runs_across_ranks() -> None:
+    two = Launch(rank=0, world_size=2, local_rank=0, local_world_size=2)
+    for command in ("predict",):
+        check_command(command, two)
+    for command in ("extract", "train", "bank", "score", "metrics", "run", "demo", "weights"):
+        assert command not in DISTRIBUTED_COMMANDS
+        with pytest.raises(UsageError, match=f"iipad {command} runs in one process.*WORLD_SIZE=2"):
+            check_command(command, two)
+        check_command(command, Launch())
+
+
+@pytest.mark.parametrize("command", ["train", "bank", "score", "metrics"])
+def test_cli_refuses_single_process_stages_under_torchrun(command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    result = CliRunner().invoke(app, [command, str(tmp_path)])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"iipad {command} runs in one process" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+    # The other ranks exit the same way without repeating the line.
+    monkeypatch.setenv("RANK", "1")
+    result = CliRunner().invoke(app, [command, str(tmp_path)])
+    assert result.exit_code == 2 and result.stderr == ""
+
+
+def test_cli_reports_bad_launch_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "x")
+    result = CliRunner().invoke(app, ["metrics", str(tmp_path)])
+    assert result.exit_code == 1 and "RANK='x' is not an integer" in result.stderr
+
+
+# --- collectives ------------------------------------------------------------------------------
+
+
+def test_world_of_one_collectives_are_local() -> None:
+    group = Group(Launch())
+    assert group.gather(3) == [3]
+    assert group.from_main(lambda: "listing") == "listing"
+    assert group.collectively(lambda: 7) == 7
+    with pytest.raises(IipadError, match="^bad image$"):
+        group.collectively(lambda: (_ for _ in ()).throw(IipadError("bad image")))
+
+
+COLLECTIVES_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    from iipad_cli.distributed import launch_from_env, process_group, rank_device
+    from iipad_cli.errors import IipadError
+
+    launch = launch_from_env()
+    report = {"launch": [launch.rank, launch.world_size, launch.local_rank, launch.local_world_size]}
+    with process_group(launch, rank_device("cpu", launch)) as group:
+        report["backend"] = torch.distributed.get_backend()
+        report["gather"] = group.gather(launch.rank * 10)
+        report["from_main"] = group.from_main(lambda: ["a.png", "b.png", f"made by {launch.rank}"])
+        def fails_on_rank_1():
+            if launch.rank == 1:
+                raise IipadError("image x.png is truncated")
+            return "fine"
+        try:
+            group.collectively(fails_on_rank_1)
+        except IipadError as error:
+            report["collective_error"] = str(error)
+        try:
+            group.from_main(lambda: (_ for _ in ()).throw(IipadError("no images in in/")))
+        except IipadError as error:
+            report["main_error"] = str(error)
+        out = sys.argv[1]
+        with open(os.path.join(out, f"rank{launch.rank}.json"), "w") as handle:
+            json.dump(report, handle)
+        if launch.rank == 1:
+            os._exit(0)  # leave without a word: rank 0 is waiting at a collective
+        try:
+            group.barrier()
+        except IipadError as error:
+            with open(os.path.join(out, "lost.txt"), "w") as handle:
+                handle.write(str(error))
+            os._exit(0)
+    """
+)
+
+
+def test_collectives_across_two_processes(tmp_path: Path) -> None:
+    script = tmp_path / "collectives.py"
+    script.write_text(COLLECTIVES_SCRIPT)
+    result = _run(_torchrun(2, str(script), str(tmp_path)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for rank, report in enumerate(reports):
+        assert report["launch"] == [rank, 2, rank, 2]
+        assert report["backend"] == "gloo"
+        assert report["gather"] == [0, 10]
+        assert report["from_main"] == ["a.png", "b.png", "made by 0"]
+        assert report["collective_error"] == "rank 1 of 2: image x.png is truncated"
+        assert report["main_error"] == "no images in in/"
+    lost = (tmp_path / "lost.txt").read_text()
+    assert lost.startswith("rank 0 of 2: lost contact with another rank") and "\n" not in lost
+
+
+# --- predict under torchrun -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """bottle + tire, 1 shot each, `tiny` (random weights), one training epoch, banks."""
+    run_dir = tmp_path_factory.mktemp("dist") / "run"
+    steps = [
+        ["extract", str(shared_data / "mvtec"), "--shots", "1", "--backbone", "tiny", "--classes", "bottle,tire",
+         "--workers", "0", "-o", str(run_dir)],
+        ["train", str(run_dir), "--epochs", "1"],
+        ["bank", str(run_dir)],
+    ]
+    for step in steps:
+        result = CliRunner().invoke(app, [*step, "--quiet", "--device", "cpu"])
+        assert result.exit_code == 0, f"{step[0]} failed: {result.stderr}"
+    return run_dir
+
+
+def _predict_command(run_dir: Path, inputs: list[str], out: Path) -> list[str]:
+    return [_tool("iipad"), "predict", str(run_dir), *inputs, "-o", str(out), "--batch-size", "4", "--device", "cpu", "--quiet"]
+
+
+def test_predict_under_torchrun_equals_one_process(trained_run: Path, shared_data: Path, tmp_path: Path) -> None:
+    corrupt = tmp_path / "in" / "zz_corrupt.png"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    inputs = [str(shared_data / "mvtec" / "bottle" / "test"), str(shared_data / "mvtec" / "tire" / "test"), str(corrupt)]
+
+    single = _run(_predict_command(trained_run, inputs, tmp_path / "single"))
+    assert single.returncode == 0, single.stderr
+    ranks = _run(_torchrun(2, "--no-python", *_predict_command(trained_run, inputs, tmp_path / "two")))
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    # Only rank 0 prints the result.
+    assert ranks.stdout.strip() == str(tmp_path / "two" / "predictions.csv")
+    assert single.stdout.strip() == str(tmp_path / "single" / "predictions.csv")
+
+    one_csv = (tmp_path / "single" / "predictions.csv").read_text()
+    two_csv = (tmp_path / "two" / "predictions.csv").read_text()
+    assert two_csv == one_csv
+    with (tmp_path / "two" / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    # Input order: bottle's test images sorted, then tire's; the corrupt image skipped, once.
+    expected = [
+        str(p)
+        for folder in ("bottle", "tire")
+        for p in sorted(q for q in (shared_data / "mvtec" / folder / "test").rglob("*.png"))
+    ]
+    assert [row["path"] for row in rows] == expected
+    assert ranks.stderr.count("skipped:") == 1 and "zz_corrupt.png" in ranks.stderr
+
+    # The same maps, file for file, and no part files left behind.
+    one_files = sorted(p.name for p in (tmp_path / "single").iterdir())
+    two_files = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert two_files == one_files
+    assert not any(".part-" in name for name in two_files)
+    for name in one_files:
+        if name.endswith(".npy"):
+            assert np.array_equal(np.load(tmp_path / "single" / name), np.load(tmp_path / "two" / name)), name
+
+    record = json.loads((tmp_path / "two" / "predict.json").read_text())
+    assert record["world_size"] == 2 and record["scored"] == len(expected)
+    assert [r["rank"] for r in record["ranks"]] == [0, 1]
+    assert sum(r["scored"] for r in record["ranks"]) == len(expected) and all(r["scored"] > 0 for r in record["ranks"])
+    assert record["skipped"] == [str(corrupt)]
+
+
+def test_train_under_torchrun_is_refused_once(trained_run: Path) -> None:
+    result = _run(_torchrun(2, "--no-python", _tool("iipad"), "train", str(trained_run), "--quiet"))
+    assert result.returncode != 0
+    assert result.stderr.count("iipad train runs in one process") == 1
