@@ -11,7 +11,9 @@ Definitions (docs/metrics.md repeats them with the JSON schema):
   statistic), which is exactly what scikit-learn's `roc_auc_score` computes.
 * `average_precision`: scikit-learn's `average_precision_score`, the step-wise sum
   AP = sum_k (R_k - R_{k-1}) P_k over distinct score thresholds; this is what the paper calls "AUPR".
-* pixel AUROC: `roc_auc` over every pixel of every map of a class.
+* `f1_max`: the largest F1 = 2PR/(P+R) over every threshold t on the scores (score >= t counts
+  as anomalous; tied scores are one threshold), as MuSc, APRIL-GAN and WinCLIP report it.
+* pixel AUROC, pixel AP, pixel F1-max: the same over every pixel of every map of a class.
 * AU-PRO: MVTec AD's definition. Ground-truth regions are the 8-connected components of each mask;
   every negative pixel adds 1/num_negatives to the FPR and every pixel of region r adds
   1/(num_regions * area_r) to the per-region overlap once the threshold reaches its score; tied
@@ -22,9 +24,10 @@ Memory: pixel metrics never hold a float64 copy of all maps. They stream the map
 at a time: pass 1 keeps only the positive (ground-truth) pixels with their region weights; pass 2
 locates each negative pixel among the distinct positive scores (`np.searchsorted`) and counts,
 per distinct positive score v, the negatives strictly above v and equal to v. Between two distinct
-positive scores the per-region overlap is constant, so those counts fix every vertex of the exact
-PRO curve and every term of the Mann-Whitney sum; the results are exact, ties included. Extra
-memory is O(positive pixels + one map).
+positive scores the true positives and the per-region overlap are constant, so those counts fix
+every vertex of the exact ROC, PR and PRO curves, every term of the Mann-Whitney sum and of AP, and
+every candidate for F1-max; the results are exact, ties included. Extra memory is O(positive
+pixels + one map).
 """
 
 from __future__ import annotations
@@ -88,21 +91,53 @@ def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 @dataclass(frozen=True)
-class PixelCounts:
-    """Everything the exact pixel metrics need, gathered in two streaming passes over the maps.
+class RankCounts:
+    """How the positives rank among the negatives: enough for exact AUROC, AP, F1-max and curves.
 
-    `values` are the distinct scores of positive pixels (ascending); per value: `positives`
-    (pixel count), `overlap` (sum of 1/(num_regions*area) over its pixels), `negatives_equal` and
-    `negatives_above` (negative pixels with exactly that score / a higher score).
+    `values` are the distinct scores of positives (ascending); per value: `positives` (count),
+    `negatives_equal` and `negatives_above` (negatives with exactly that score / a higher score).
+    A sample counts as predicted anomalous at threshold t when its score is >= t. Only thresholds
+    at a positive score matter for AP and F1-max: between two of them the true positives are
+    constant, and the higher threshold has no more false positives.
     """
 
     values: np.ndarray
     positives: np.ndarray
-    overlap: np.ndarray
     negatives_equal: np.ndarray
     negatives_above: np.ndarray
     num_negatives: int
+
+    @property
+    def num_positives(self) -> int:
+        return int(self.positives.sum())
+
+    def true_positives(self) -> np.ndarray:
+        """Per value v: positives with score >= v."""
+        return np.cumsum(self.positives[::-1])[::-1]
+
+    def false_positives(self) -> np.ndarray:
+        """Per value v: negatives with score >= v."""
+        return self.negatives_above + self.negatives_equal
+
+
+@dataclass(frozen=True)
+class PixelCounts(RankCounts):
+    """`RankCounts` of pixels plus what AU-PRO needs, gathered in two streaming passes over the maps.
+
+    Per value: `overlap` (sum of 1/(num_regions*area) over its positive pixels); `num_regions`:
+    the 8-connected ground-truth regions of all masks.
+    """
+
+    overlap: np.ndarray
     num_regions: int
+
+
+@dataclass(frozen=True)
+class F1Max:
+    """The largest F1 over all thresholds and the highest threshold that reaches it (NaN, NaN: undefined)."""
+
+    value: float
+    threshold: float
 
 
 def _check_pair(index: int, score_map: np.ndarray, mask: np.ndarray) -> None:
@@ -125,6 +160,51 @@ def _slots(values: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarr
     inside = slot < values.size
     is_equal[inside] = values[slot[inside]] == scores[inside]
     return slot, is_equal
+
+
+class _NegativeTally:
+    """Counts negatives per slot of the distinct positive values, one batch of scores at a time."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+        self.between = np.zeros(values.size + 1, dtype=np.int64)  # negatives in (values[j-1], values[j])
+        self.equal = np.zeros(values.size, dtype=np.int64)
+        self.half_table: tuple[np.ndarray, np.ndarray] | None = None
+
+    def add(self, negative_scores: np.ndarray) -> None:
+        if negative_scores.dtype == np.float16:
+            # float16 (how scores.h5 stores maps) has 65,536 bit patterns: locate each pattern once
+            # and look the pixels up (O(1) per pixel instead of a binary search; ~3x faster overall).
+            if self.half_table is None:
+                self.half_table = _slots(self.values, np.arange(1 << 16, dtype=np.uint16).view(np.float16))
+            codes = negative_scores.view(np.uint16)
+            slot, is_equal = self.half_table[0][codes], self.half_table[1][codes]
+        else:
+            # Sorted needles make the binary searches cache-friendly (about 2x); only counts are kept.
+            slot, is_equal = _slots(self.values, np.sort(negative_scores))
+        self.between += np.bincount(slot[~is_equal], minlength=self.values.size + 1)
+        self.equal += np.bincount(slot[is_equal], minlength=self.values.size)
+
+    def above(self) -> np.ndarray:
+        """Per value: negatives strictly above it."""
+        # A negative in slot j (strictly between values[j-1] and values[j], or equal to values[j])
+        # lies above values[k] for every k < j.
+        per_slot = self.between[1:].copy()
+        per_slot[:-1] += self.equal[1:]
+        return np.cumsum(per_slot[::-1])[::-1] if self.values.size else per_slot
+
+
+def rank_counts(labels: np.ndarray, scores: np.ndarray) -> RankCounts:
+    """`RankCounts` of one score per sample (image level)."""
+    positive = _binary_labels(labels)
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if scores.size != positive.size:
+        raise ValueError(f"{positive.size} labels but {scores.size} scores")
+    values, inverse = np.unique(scores[positive], return_inverse=True)
+    tally = _NegativeTally(values)
+    tally.add(scores[~positive])
+    positives = np.bincount(inverse, minlength=values.size)
+    return RankCounts(values, positives, tally.equal, tally.above(), int((~positive).sum()))
 
 
 def pixel_counts(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> PixelCounts:
@@ -150,45 +230,97 @@ def pixel_counts(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> Pix
     scores = np.concatenate(positive_scores) if positive_scores else np.zeros(0)
     weights = np.concatenate(positive_weights) if positive_weights else np.zeros(0)
     values, inverse = np.unique(scores, return_inverse=True)
-    distinct = values.size
-    positives = np.bincount(inverse, minlength=distinct)
-    overlap = np.bincount(inverse, weights=weights, minlength=distinct) / max(num_regions, 1)
+    positives = np.bincount(inverse, minlength=values.size)
+    overlap = np.bincount(inverse, weights=weights, minlength=values.size) / max(num_regions, 1)
 
-    between = np.zeros(distinct + 1, dtype=np.int64)  # negatives in (values[j-1], values[j])
-    equal = np.zeros(distinct, dtype=np.int64)
-    half_table: tuple[np.ndarray, np.ndarray] | None = None
+    tally = _NegativeTally(values)
     for index in range(len(maps)):
         mask = np.asarray(masks[index]).astype(bool)
-        negative_scores = np.asarray(maps[index])[~mask]
-        if negative_scores.dtype == np.float16:
-            # float16 (how scores.h5 stores maps) has 65,536 bit patterns: locate each pattern once
-            # and look the pixels up (O(1) per pixel instead of a binary search; ~3x faster overall).
-            if half_table is None:
-                half_table = _slots(values, np.arange(1 << 16, dtype=np.uint16).view(np.float16))
-            codes = negative_scores.view(np.uint16)
-            slot, is_equal = half_table[0][codes], half_table[1][codes]
-        else:
-            # Sorted needles make the binary searches cache-friendly (about 2x); only counts are kept.
-            slot, is_equal = _slots(values, np.sort(negative_scores))
-        between += np.bincount(slot[~is_equal], minlength=distinct + 1)
-        equal += np.bincount(slot[is_equal], minlength=distinct)
-    # A negative in slot j (strictly between values[j-1] and values[j], or equal to values[j])
-    # lies above values[k] for every k < j.
-    per_slot = between[1:].copy()
-    per_slot[:-1] += equal[1:]
-    above = np.cumsum(per_slot[::-1])[::-1] if distinct else per_slot
-    return PixelCounts(values, positives, overlap, equal, above, num_negatives, num_regions)
+        tally.add(np.asarray(maps[index])[~mask])
+    return PixelCounts(
+        values=values,
+        positives=positives,
+        negatives_equal=tally.equal,
+        negatives_above=tally.above(),
+        num_negatives=num_negatives,
+        overlap=overlap,
+        num_regions=num_regions,
+    )
 
 
-def pixel_auroc_from_counts(counts: PixelCounts) -> float:
-    """Mann-Whitney AUROC over pixels; NaN without positive or negative pixels."""
-    num_positives = int(counts.positives.sum())
+def pixel_auroc_from_counts(counts: RankCounts) -> float:
+    """Mann-Whitney AUROC (of pixels, or of images via `rank_counts`); NaN without positives or negatives."""
+    num_positives = counts.num_positives
     if num_positives == 0 or counts.num_negatives == 0:
         return math.nan
     below = counts.num_negatives - counts.negatives_above - counts.negatives_equal
     wins = np.sum(counts.positives * (below + 0.5 * counts.negatives_equal))
     return float(wins / (num_positives * counts.num_negatives))
 
+
+def average_precision_from_counts(counts: RankCounts) -> float:
+    """Step-wise AP = sum over distinct positive values v of (positives at v / P) x precision(>= v).
+
+    Thresholds at a negative-only score add no recall, so they add nothing to the sum: this is
+    scikit-learn's `average_precision_score`. NaN without positives or negatives.
+    """
+    num_positives = counts.num_positives
+    if num_positives == 0 or counts.num_negatives == 0:
+        return math.nan
+    true_positives = counts.true_positives()
+    precision = true_positives / (true_positives + counts.false_positives())
+    return float(np.sum(counts.positives / num_positives * precision))
+
+
+def f1_max_from_counts(counts: RankCounts) -> F1Max:
+    """Max over thresholds t of F1 = 2 TP / (2 TP + FP + FN) = 2 TP(t) / (TP(t) + FP(t) + P).
+
+    The maximum is at a distinct positive value (see `RankCounts`); among equal F1 values the
+    highest threshold is reported. NaN without positives or negatives (like AUROC and AP).
+    """
+    num_positives = counts.num_positives
+    if num_positives == 0 or counts.num_negatives == 0:
+        return F1Max(math.nan, math.nan)
+    true_positives = counts.true_positives()
+    f1 = 2.0 * true_positives / (true_positives + counts.false_positives() + num_positives)
+    best = int(np.flatnonzero(f1 == f1.max())[-1])
+    return F1Max(float(f1[best]), float(counts.values[best]))
+
+
+def f1_max(labels: np.ndarray, scores: np.ndarray) -> F1Max:
+    """Image F1-max: the best F1 over every threshold on the scores (score >= t = anomalous)."""
+    return f1_max_from_counts(rank_counts(labels, scores))
+
+
+def roc_curve(counts: RankCounts) -> tuple[np.ndarray, np.ndarray]:
+    """The exact ROC curve (FPR, TPR) from (0, 0) to (1, 1), threshold descending.
+
+    Per distinct positive value v two vertices, just above v and at v, so tied positives and
+    negatives form one diagonal segment (the area under it is the AUROC, ties counted one half).
+    """
+    descending = slice(None, None, -1)
+    true_positives = counts.true_positives()[descending]
+    tpr_at = true_positives / max(counts.num_positives, 1)
+    tpr_above = (true_positives - counts.positives[descending]) / max(counts.num_positives, 1)
+    fpr_above = counts.negatives_above[descending] / max(counts.num_negatives, 1)
+    fpr_at = counts.false_positives()[descending] / max(counts.num_negatives, 1)
+    fpr = np.concatenate(([0.0], np.column_stack((fpr_above, fpr_at)).ravel(), [1.0]))
+    tpr = np.concatenate(([0.0], np.column_stack((tpr_above, tpr_at)).ravel(), [1.0]))
+    return fpr, tpr
+
+
+def pr_curve(counts: RankCounts) -> tuple[np.ndarray, np.ndarray]:
+    """The step-wise precision-recall curve (recall, precision) whose area is exactly the AP.
+
+    For each distinct positive value v (descending) a horizontal step at precision(>= v) over
+    (recall(> v), recall(>= v)]; it starts at recall 0 with the first step's precision.
+    """
+    true_positives = counts.true_positives()[::-1]
+    precision = true_positives / np.maximum(true_positives + counts.false_positives()[::-1], 1)
+    recall_at = true_positives / max(counts.num_positives, 1)
+    recall_before = np.r_[0.0, recall_at[:-1]]
+    recall = np.column_stack((recall_before, recall_at)).ravel()
+    return recall, np.repeat(precision, 2)
 
 def pro_curve(counts: PixelCounts) -> tuple[np.ndarray, np.ndarray]:
     """The exact PRO curve (FPR, per-region overlap), from (0, 0) to (1, 1), threshold descending.
@@ -235,6 +367,14 @@ def au_pro_from_counts(counts: PixelCounts, limit: float = DEFAULT_PRO_LIMIT) ->
 
 def pixel_auroc(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> float:
     return pixel_auroc_from_counts(pixel_counts(maps, masks))
+
+
+def pixel_average_precision(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> float:
+    return average_precision_from_counts(pixel_counts(maps, masks))
+
+
+def pixel_f1_max(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> F1Max:
+    return f1_max_from_counts(pixel_counts(maps, masks))
 
 
 def au_pro(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], limit: float = DEFAULT_PRO_LIMIT) -> float:

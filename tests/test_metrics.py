@@ -7,7 +7,8 @@ from collections import deque
 
 import numpy as np
 import pytest
-from sklearn.metrics import auc, average_precision_score, roc_auc_score
+from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import roc_curve as sklearn_roc_curve
 
 from iipad_cli import metrics
 
@@ -218,3 +219,168 @@ def test_nan_mean_counts_classes() -> None:
 def test_mismatched_shapes_rejected() -> None:
     with pytest.raises(ValueError, match="differs from its mask"):
         metrics.au_pro([np.zeros((4, 4))], [np.zeros((5, 5), dtype=bool)])
+
+
+# --- F1-max, pixel AP and the curves ------------------------------------------------------------
+
+
+def loop_f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """F1-max written out: every distinct score as a threshold (score >= t anomalous), counted by hand."""
+    best, best_threshold = -1.0, math.nan
+    for threshold in sorted(set(scores.tolist())):
+        tp = fp = fn = 0
+        for label, score in zip(labels.tolist(), scores.tolist()):
+            if score >= threshold:
+                tp, fp = tp + (label == 1), fp + (label == 0)
+            else:
+                fn += label == 1
+        f1 = 2 * tp / (2 * tp + fp + fn)
+        if f1 >= best:  # ascending thresholds: ">=" keeps the highest one reaching the maximum
+            best, best_threshold = f1, threshold
+    return best, best_threshold
+
+
+def loop_average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Step-wise AP written out: thresholds descending, recall gain times precision at each."""
+    positives = int(labels.sum())
+    total, previous_recall = 0.0, 0.0
+    for threshold in sorted(set(scores.tolist()), reverse=True):
+        predicted = [label for label, score in zip(labels.tolist(), scores.tolist()) if score >= threshold]
+        recall = sum(predicted) / positives
+        total += (recall - previous_recall) * (sum(predicted) / len(predicted))
+        previous_recall = recall
+    return total
+
+
+def sklearn_f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
+    """How MuSc / APRIL-GAN compute it: F1 at every point of sklearn's precision_recall_curve."""
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = 2 * precision * recall / (precision + recall)
+    return float(np.max(f1[np.isfinite(f1)]))
+
+
+def flattened(maps: list[np.ndarray], masks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    return np.concatenate([m.ravel() for m in masks]).astype(int), np.concatenate([m.ravel().astype(np.float64) for m in maps])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("ties", [False, True])
+def test_image_f1_max_matches_sklearn_and_a_written_out_loop(seed: int, ties: bool) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 80)
+    scores = rng.normal(size=80) + labels
+    if ties:
+        scores = np.round(scores * 2) / 2  # about 15 distinct values for 80 images
+    result = metrics.f1_max(labels, scores)
+    expected, expected_threshold = loop_f1_max(labels, scores)
+    assert result.value == pytest.approx(expected, abs=1e-12)
+    assert result.threshold == expected_threshold
+    assert result.value == pytest.approx(sklearn_f1_max(labels, scores), abs=1e-12)
+
+
+def test_image_f1_max_by_hand() -> None:
+    """Scores 4,3,3,2,1 with labels 1,1,0,0,1: t=4 -> F1 2/4; t=3 (tie of a positive and a negative)
+    -> TP 2, FP 1, FN 1 -> 4/6; t=2 -> 4/7; t=1 -> 6/8. F1-max = 0.75 at threshold 1."""
+    result = metrics.f1_max(np.array([1, 1, 0, 0, 1]), np.array([4.0, 3.0, 3.0, 2.0, 1.0]))
+    assert result.value == pytest.approx(0.75) and result.threshold == 1.0
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_image_average_precision_from_counts_matches_loop(ties: bool) -> None:
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, 2, 60)
+    scores = rng.normal(size=60) + labels
+    if ties:
+        scores = np.round(scores)
+    counts = metrics.rank_counts(labels, scores)
+    assert metrics.average_precision_from_counts(counts) == pytest.approx(loop_average_precision(labels, scores), abs=1e-12)
+    assert metrics.pixel_auroc_from_counts(counts) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("levels", [None, 6])
+def test_pixel_ap_and_f1_max_match_sklearn(dtype: type, levels: int | None) -> None:
+    """float16 takes the lookup-table path, float32/64 the binary-search path; `levels` makes ties."""
+    rng = np.random.default_rng(12)
+    masks = random_masks(rng, count=5, size=20, good=3)
+    maps = [m.astype(dtype) for m in scored(rng, masks, levels if levels is not None else (10 if dtype == np.float16 else None))]
+    truth, flat = flattened(maps, masks)
+    assert metrics.pixel_average_precision(maps, masks) == pytest.approx(average_precision_score(truth, flat), abs=1e-12)
+    assert metrics.pixel_f1_max(maps, masks).value == pytest.approx(sklearn_f1_max(truth, flat), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_pixel_ap_and_f1_max_match_written_out_loops_with_ties(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    masks = random_masks(rng, count=3, size=9, good=1)
+    maps = scored(rng, masks, 3)  # few levels: most pixels tie with others of both kinds
+    truth, flat = flattened(maps, masks)
+    assert len(set(flat.tolist())) < 15
+    assert metrics.pixel_average_precision(maps, masks) == pytest.approx(loop_average_precision(truth, flat), abs=1e-12)
+    expected, expected_threshold = loop_f1_max(truth, flat)
+    result = metrics.pixel_f1_max(maps, masks)
+    assert result.value == pytest.approx(expected, abs=1e-12) and result.threshold == expected_threshold
+
+
+def test_pixel_metrics_are_the_same_streamed_from_float16_as_from_float32() -> None:
+    """The fp16 lookup table and the binary search count the same negatives."""
+    rng = np.random.default_rng(13)
+    masks = random_masks(rng, count=4, size=16, good=2)
+    half = [m.astype(np.float16) for m in scored(rng, masks, 12)]
+    single = [m.astype(np.float32) for m in half]
+    a, b = metrics.pixel_counts(half, masks), metrics.pixel_counts(single, masks)
+    assert metrics.average_precision_from_counts(a) == metrics.average_precision_from_counts(b)
+    assert metrics.f1_max_from_counts(a) == metrics.f1_max_from_counts(b)
+
+
+def test_new_metrics_nan_with_one_label() -> None:
+    assert math.isnan(metrics.f1_max(np.zeros(4), np.arange(4.0)).value)
+    assert math.isnan(metrics.f1_max(np.ones(4), np.arange(4.0)).threshold)
+    empty = [np.zeros((4, 4), dtype=bool)]
+    assert math.isnan(metrics.pixel_average_precision([np.ones((4, 4))], empty))
+    full = [np.ones((4, 4), dtype=bool)]
+    assert math.isnan(metrics.pixel_f1_max([np.arange(16.0).reshape(4, 4)], full).value)
+
+
+def polyline_area(x: np.ndarray, y: np.ndarray) -> float:
+    return float(sum((x[i] - x[i - 1]) * (y[i] + y[i - 1]) / 2 for i in range(1, len(x))))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_roc_curve_area_is_auroc_and_passes_through_sklearn_points(ties: bool) -> None:
+    rng = np.random.default_rng(14)
+    labels = rng.integers(0, 2, 70)
+    scores = rng.normal(size=70) + labels
+    if ties:
+        scores = np.round(scores)
+    fpr, tpr = metrics.roc_curve(metrics.rank_counts(labels, scores))
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert polyline_area(fpr, tpr) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    sk_fpr, sk_tpr, _ = sklearn_roc_curve(labels, scores, drop_intermediate=False)
+    vertices = set(zip(np.round(fpr, 12).tolist(), np.round(tpr, 12).tolist()))
+    # sklearn's points at thresholds that are a positive's score are vertices of ours; the rest
+    # (negative-only thresholds) lie on our horizontal segments.
+    positive_scores = set(scores[labels == 1].tolist())
+    _, _, thresholds = sklearn_roc_curve(labels, scores, drop_intermediate=False)
+    for x, y, t in zip(sk_fpr, sk_tpr, thresholds):
+        if t in positive_scores:
+            assert (round(float(x), 12), round(float(y), 12)) in vertices
+
+
+def test_pr_curve_area_is_average_precision() -> None:
+    rng = np.random.default_rng(15)
+    masks = random_masks(rng, count=4, size=14, good=2)
+    maps = scored(rng, masks, 5)
+    truth, flat = flattened(maps, masks)
+    recall, precision = metrics.pr_curve(metrics.pixel_counts(maps, masks))
+    step_area = float(np.sum(np.diff(recall)[::2] * precision[::2]))  # horizontal steps only
+    assert step_area == pytest.approx(average_precision_score(truth, flat), abs=1e-12)
+    assert recall[0] == 0.0 and recall[-1] == pytest.approx(1.0)
+    sk_precision, sk_recall, thresholds = precision_recall_curve(truth, flat)
+    ours = set(zip(np.round(recall[1::2], 12).tolist(), np.round(precision[1::2], 12).tolist()))
+    positive_scores = set(flat[truth == 1].tolist())
+    for p, r, t in zip(sk_precision, sk_recall, thresholds):
+        if t in positive_scores:
+            assert (round(float(r), 12), round(float(p), 12)) in ours
