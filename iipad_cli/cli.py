@@ -7,12 +7,9 @@ traceback), 2 on bad usage.
 
 from __future__ import annotations
 
-import sys
-
 import typer
 
-from iipad_cli.errors import IipadError
-from iipad_cli.ui import err_console
+from iipad_cli.commands import report_error
 
 app = typer.Typer(
     name="iipad",
@@ -23,12 +20,13 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _check_launch(context: typer.Context) -> None:
     """Refuse, before any work, a single-process command started by torchrun with WORLD_SIZE > 1
     (distributed.py). Exit code 2 (bad usage); only rank 0 prints the line, not every rank."""
     from iipad_cli.distributed import UsageError, check_command, launch_from_env
+    from iipad_cli.errors import IipadError
+    from iipad_cli.ui import err_console
 
     try:
         launch = launch_from_env()
@@ -38,8 +36,7 @@ def _check_launch(context: typer.Context) -> None:
             err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
     except IipadError as error:
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=1) from None
+        raise report_error(error) from None
 
 
 # Importing the command modules registers their commands on `app`.
@@ -49,11 +46,8 @@ register_all(app)
 
 
 def main() -> None:
-    try:
-        app(standalone_mode=True)
-    except IipadError as error:
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+    # Errors are reported by the commands themselves (`iipad_cli.commands.command`).
+    app()
 
 
 if __name__ == "__main__":

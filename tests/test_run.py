@@ -11,6 +11,8 @@ from typer.testing import CliRunner
 
 from iipad_cli.artifacts import METRICS_JSON, read_manifest, record_stage, sha256_file
 from iipad_cli.cli import app
+from iipad_cli.pipeline import EXTRACT
+from iipad_cli.pipeline.run_options import stage_options
 from iipad_cli.stages import run as run_stage
 from iipad_cli.stages.run import RunOptions, RunResult, parse_seeds, stage_staleness
 
@@ -122,11 +124,12 @@ def test_deleted_heatmaps_rerun_score(demo: tuple[Path, object]) -> None:
 def test_new_images_in_the_data_make_extract_stale(demo: tuple[Path, object]) -> None:
     out, _ = demo
     options = RunOptions(data=out / "data", shots=2, run_dir=out / "run-tiny", backbone="tiny", epochs=5)
-    assert stage_staleness(options.run_dir, "extract", run_stage._extract_options(options)) is None
+    extract = stage_options(EXTRACT, options, options.run_dir)
+    assert stage_staleness(options.run_dir, "extract", extract.key(options.run_dir)) is None
     extra = out / "data" / "wood" / "test" / "good" / "999.png"
     shutil.copy(out / "data" / "wood" / "test" / "good" / "000.png", extra)
     try:
-        reason = stage_staleness(options.run_dir, "extract", run_stage._extract_options(options))
+        reason = stage_staleness(options.run_dir, "extract", extract.key(options.run_dir))
     finally:
         extra.unlink()
     assert reason is not None and reason.startswith("option samples_sha256 changed")

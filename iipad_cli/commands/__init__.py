@@ -1,35 +1,69 @@
-"""Command modules: each defines `register(app)` adding its thin Typer command(s)."""
+"""Command modules: each defines thin module-level command functions and `register(app)`.
+
+`command(func)` turns such a function into a Typer command: a parameter annotated with an options
+dataclass (a stage's options, `RunOptions`) is expanded into that dataclass's fields, whose
+`Annotated` Typer aliases (`iipad_cli/options.py`) are the option declarations, and the function
+receives the dataclass built from them. It is also the CLI's one error handler: an IipadError
+becomes one line on stderr and exit code 1, without a traceback.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
+import inspect
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, get_type_hints
 
 import typer
 
 from iipad_cli.errors import IipadError
 from iipad_cli.ui import err_console
 
-F = TypeVar("F", bound=Callable[..., Any])
-
 # One entry per module in this package; the order is the order of `iipad --help`.
 COMMAND_MODULES: tuple[str, ...] = ("extract", "train", "bank", "score", "metrics", "run", "predict", "demo", "weights")
 
 
-def user_errors(func: F) -> F:
-    """Report an IipadError as one line on stderr and exit with code 1, without a traceback."""
+def report_error(error: IipadError) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=1)
+
+
+def command(func: Callable[..., Any]) -> Callable[..., Any]:
+    """`func` as Typer sees it: options dataclasses expanded into their fields, errors reported."""
+    hints = get_type_hints(func, include_extras=True)
+    expanded: dict[str, type] = {}
+    params: list[inspect.Parameter] = []
+    for name, parameter in inspect.signature(func).parameters.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            expanded[name] = annotation  # type: ignore[assignment]
+            field_hints = get_type_hints(annotation, include_extras=True)
+            for field in dataclasses.fields(annotation):
+                default = inspect.Parameter.empty if field.default is dataclasses.MISSING else field.default
+                params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=field_hints[field.name]))
+        else:
+            params.append(parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=annotation))
+    names = [p.name for p in params]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise TypeError(f"{func.__name__}: options declared twice: {sorted(duplicates)}")
+    plain = [name for name in inspect.signature(func).parameters if name not in expanded]
 
     @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(**values: Any) -> Any:
+        arguments = {name: values[name] for name in plain}
+        for name, cls in expanded.items():
+            arguments[name] = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
         try:
-            return func(*args, **kwargs)
+            return func(**arguments)
         except IipadError as error:
-            err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=1) from None
+            raise report_error(error) from None
 
-    return wrapper  # type: ignore[return-value]
+    wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
 
 
 def register_all(app: typer.Typer) -> None:

@@ -3,52 +3,42 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from iipad_cli.commands import user_errors
+from iipad_cli import options as o
+from iipad_cli.commands import command
+
+
+def demo_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the demo data and run.")] = Path("runs/demo"),
+    backbone: o.described(o.Backbone, "tiny (random weights, offline) or vit-l-14 (needs --weights or $IIPAD_WEIGHTS).") = "tiny",
+    weights: o.Weights = None,
+    shots: o.described(o.Shots, "Normal training images per class (1-4).") = 2,
+    epochs: Annotated[int, typer.Option(help="Training epochs (the demo trains briefly).")] = 5,
+    seed: o.described(o.Seed, "Seed of the generated data, the shot draw and training.") = 0,
+    device: o.Device = "auto",
+    quiet: o.Quiet = False,
+    force: o.described(o.Force, "Rerun every stage even when its outputs are current.") = False,
+) -> None:
+    """Build a small MVTec-layout data set and run the whole pipeline on it, offline.
+
+    The data are procedurally generated textures (wood grain, a woven grid, speckled granite)
+    with synthetic scratches, holes, stains and foreign objects and their exact masks, written
+    to OUTPUT/data; nothing is downloaded. With the default tiny backbone the weights are
+    random, so the table is a plumbing check (the memory bank still finds the defects), not
+    the method's accuracy. Prints the run directory on stdout; the table and the heatmaps'
+    location go to stderr.
+    """
+    from iipad_cli.stages.demo import run_demo, show_demo_summary
+
+    result = run_demo(
+        output, backbone=backbone, weights=weights, shots=shots, epochs=epochs, seed=seed, device=device, quiet=quiet, force=force
+    )
+    show_demo_summary(result)
+    typer.echo(str(result.run.run_dir))
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("demo")
-    @user_errors
-    def demo_command(
-        output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the demo data and run.")] = Path(
-            "runs/demo"
-        ),
-        backbone: Annotated[
-            str, typer.Option(help="tiny (random weights, offline) or vit-l-14 (needs --weights or $IIPAD_WEIGHTS).")
-        ] = "tiny",
-        weights: Annotated[Optional[Path], typer.Option(help="Directory with the backbone's weight files.")] = None,
-        shots: Annotated[int, typer.Option("--shots", "-k", help="Normal training images per class (1-4).")] = 2,
-        epochs: Annotated[int, typer.Option(help="Training epochs (the demo trains briefly).")] = 5,
-        seed: Annotated[int, typer.Option(help="Seed of the generated data, the shot draw and training.")] = 0,
-        device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")] = False,
-        force: Annotated[bool, typer.Option("--force", help="Rerun every stage even when its outputs are current.")] = False,
-    ) -> None:
-        """Build a small MVTec-layout data set and run the whole pipeline on it, offline.
-
-        The data are procedurally generated textures (wood grain, a woven grid, speckled granite)
-        with synthetic scratches, holes, stains and foreign objects and their exact masks, written
-        to OUTPUT/data; nothing is downloaded. With the default tiny backbone the weights are
-        random, so the table is a plumbing check (the memory bank still finds the defects), not
-        the method's accuracy. Prints the run directory on stdout; the table and the heatmaps'
-        location go to stderr.
-        """
-        from iipad_cli.stages import run as run_stage
-
-        result = run_stage.run_demo(
-            output,
-            backbone=backbone,
-            weights=weights,
-            shots=shots,
-            epochs=epochs,
-            seed=seed,
-            device=device,
-            quiet=quiet,
-            force=force,
-        )
-        run_stage.show_demo_summary(result)
-        typer.echo(str(result.run.run_dir))
+    app.command("demo")(command(demo_command))

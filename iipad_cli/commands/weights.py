@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from iipad_cli.commands import user_errors
+from iipad_cli import options as o
+from iipad_cli.commands import command
 from iipad_cli.ui import log
 
 
@@ -20,13 +21,13 @@ def register(app: typer.Typer) -> None:
     app.add_typer(weights_app, name="weights")
 
     @weights_app.command("check")
-    @user_errors
+    @command
     def check_command(
         weights: Annotated[
             Optional[Path], typer.Option(help="Directory with the weight files [default: $IIPAD_WEIGHTS, then the Hugging Face cache].")
         ] = None,
-        backbone: Annotated[str, typer.Option(help="Backbone id: vit-l-14 (real weights) or tiny (random weights).")] = "vit-l-14",
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tab-separated lines.")] = False,
+        backbone: o.Backbone = "vit-l-14",
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tab-separated lines.", metavar="")] = False,
     ) -> None:
         """List the backbone's weight files and whether trunk sharing applies.
 
@@ -53,15 +54,15 @@ def register(app: typer.Typer) -> None:
         )
 
     @weights_app.command("convert")
-    @user_errors
+    @command
     def convert_command(
         source: Annotated[Path, typer.Argument(help="Q-Former checkpoint, e.g. DIR/qformer/pytorch_model.bin.")],
         output: Annotated[
             Optional[Path],
             typer.Option("--output", "-o", help="Safetensors file [default: DIR/qformer.safetensors beside the qformer/ folder]."),
         ] = None,
-        backbone: Annotated[str, typer.Option(help="Backbone whose Q-Former architecture the file must fit.")] = "vit-l-14",
-        force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+        backbone: o.described(o.Backbone, "Backbone whose Q-Former architecture the file must fit.") = "vit-l-14",
+        force: o.described(o.Force, "Replace an existing output file.") = False,
     ) -> None:
         """Convert the Q-Former .bin pickle to safetensors; print the new file's path.
 
@@ -77,7 +78,7 @@ def register(app: typer.Typer) -> None:
         typer.echo(str(report.output))
 
     @weights_app.command("fetch")
-    @user_errors
+    @command
     def fetch_command(
         weights: Annotated[Path, typer.Option(help="Directory to download the weight files into.")],
     ) -> None:

@@ -29,9 +29,6 @@ from iipad_cli.schema.banks import Banks, load_banks, read_banks_metadata
 from iipad_cli.schema.features import FEATURE_FIELDS, check_backbone_weights, load_features_attrs
 from iipad_cli.schema.generator import load_generator
 
-DEFAULT_SIGMA = 4.0
-DEFAULT_BATCH = 32
-
 
 @dataclass
 class RunModels:

@@ -9,7 +9,6 @@ only; retrieval never reads them.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,27 +18,17 @@ from iipad_cli.artifacts import BANKS_FILE, FEATURES_FILE, GENERATOR_FILE, prove
 from iipad_cli.devices import resolve_device
 from iipad_cli.errors import IipadError
 from iipad_cli.models.anomaly import instance_prompts, normalise
+from iipad_cli.pipeline.bank import BankOptions
 from iipad_cli.schema.banks import Banks, save_banks
 from iipad_cli.schema.features import read_split
-from iipad_cli.stages._scoring import DEFAULT_BATCH, check_finite_features, features_to_device, load_run_models
+from iipad_cli.stages._scoring import check_finite_features, features_to_device, load_run_models
 from iipad_cli.ui import log
-
-
-@dataclass(frozen=True)
-class BankOptions:
-    batch_size: int = DEFAULT_BATCH
-    seed: int = 0
-    weights: Path | None = None
-    device: str = "auto"
-    force: bool = False
-    quiet: bool = False
 
 
 def build_banks(run_dir: Path, options: BankOptions) -> Path:
     """Write RUN/banks.safetensors; returns its path."""
     started = time.perf_counter()
-    if options.batch_size < 1:
-        raise IipadError(f"--batch-size must be at least 1, not {options.batch_size}")
+    options.validate()
     torch.manual_seed(options.seed)
     run_dir = Path(run_dir)
     device = resolve_device(options.device)
@@ -99,7 +88,7 @@ def build_banks(run_dir: Path, options: BankOptions) -> Path:
     record_stage(
         run_dir,
         "bank",
-        options={**asdict(options), "weights": str(options.weights) if options.weights else None},
+        options=options.recorded(),
         inputs={FEATURES_FILE: models.features_sha, GENERATOR_FILE: models.generator_sha},
         outputs={BANKS_FILE: sha256_file(out)},
         seconds=seconds,

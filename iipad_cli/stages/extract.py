@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from iipad_cli import __version__
-from iipad_cli.artifacts import FEATURES_FILE, SCHEMA_VERSION, atomic_path, record_stage, sha256_file, sha256_json
+from iipad_cli.artifacts import FEATURES_FILE, SCHEMA_VERSION, atomic_path, record_stage, sha256_file
 from iipad_cli.config import CLIP_MEAN, CLIP_STD, BackboneSpec
 from iipad_cli.data.images import MASK_THRESHOLD, load_mask, preprocess_image
 from iipad_cli.data.layouts import Dataset, Sample, load_dataset
@@ -33,40 +33,11 @@ from iipad_cli.devices import resolve_device
 from iipad_cli.errors import IipadError
 from iipad_cli.models.backbone import Backbone
 from iipad_cli.models.registry import file_sha256, find_weights, get_spec, load_backbone
+from iipad_cli.pipeline.extract import ExtractOptions, default_run_dir, default_workers, listing_digest
 from iipad_cli.schema.features import FEATURE_FIELDS, FeatureShapes, FeaturesWriter, differing_attrs, read_attrs
 from iipad_cli.ui import log, progress
 
 PARTIAL_SUFFIX = ".partial"
-
-
-@dataclass(frozen=True)
-class ExtractOptions:
-    """The options of `iipad extract` (see `iipad extract --help`)."""
-
-    data: Path
-    shots: int
-    output: Path | None = None
-    backbone: str = "vit-l-14"
-    weights: Path | None = None
-    layout: str = "auto"
-    classes: tuple[str, ...] | None = None
-    shot_policy: str = "random"
-    seed: int = 0
-    resolution: int = 224
-    batch_size: int = 8
-    workers: int | None = None
-    device: str = "auto"
-    force: bool = False
-    quiet: bool = False
-
-
-def default_workers() -> int:
-    return min(2, os.cpu_count() or 1)
-
-
-def default_run_dir(data: Path, shots: int) -> Path:
-    """design.md §1: `runs/<data-dir-name>-<K>shot` when `-o` is omitted."""
-    return Path("runs") / f"{Path(data).resolve().name}-{shots}shot"
 
 
 @dataclass(frozen=True)
@@ -138,15 +109,6 @@ def _weights_attrs(spec: BackboneSpec, weights_dir: Path | None) -> dict[str, An
     if paths is None:
         return {"weights_sha256": ["random"], "random_weights": True}
     return {"weights_sha256": sorted([file_sha256(paths.clip), file_sha256(paths.qformer)]), "random_weights": False}
-
-
-def listing_digest(dataset: Dataset) -> str:
-    """Hash of the image listing, so a data folder that gained or lost files is not mixed into a file."""
-    rows = [
-        [s.split, s.rel_path, s.cls, s.defect, s.label, s.mask_path.as_posix() if s.mask_path else None]
-        for s in (*dataset.train, *dataset.test)
-    ]
-    return sha256_json(rows)
 
 
 def _file_attrs(options: ExtractOptions, dataset: Dataset, spec: BackboneSpec, shots: Sequence[Sample]) -> dict[str, Any]:
@@ -303,33 +265,10 @@ def _extract_split(
         throughput.advance(len(batch_samples))
 
 
-def _manifest_options(options: ExtractOptions, dataset: Dataset) -> dict[str, Any]:
-    return {
-        "data": str(dataset.root),
-        "samples_sha256": listing_digest(dataset),
-        "shots": options.shots,
-        "backbone": options.backbone,
-        "weights": str(options.weights) if options.weights is not None else None,
-        "layout": dataset.layout,
-        "classes": list(dataset.classes),
-        "shot_policy": options.shot_policy,
-        "seed": options.seed,
-        "resolution": options.resolution,
-        "batch_size": options.batch_size,
-        "workers": default_workers() if options.workers is None else options.workers,
-        "device": options.device,
-    }
-
-
 def run_extract(options: ExtractOptions) -> Path:
     """Extract features for the test set and the K shots per class; returns the run directory."""
     started = time.perf_counter()
-    if options.resolution < 1:
-        raise IipadError(f"--resolution must be positive, got {options.resolution}")
-    if options.batch_size < 1:
-        raise IipadError(f"--batch-size must be at least 1, got {options.batch_size}")
-    if options.workers is not None and options.workers < 0:
-        raise IipadError(f"--workers must be 0 or more, got {options.workers}")
+    options.validate()
     dataset = load_dataset(options.data, options.layout, options.classes)
     shots = select_shots(dataset, options.shots, options.shot_policy, options.seed)
     spec = get_spec(options.backbone)
@@ -372,7 +311,7 @@ def run_extract(options: ExtractOptions) -> Path:
     record_stage(
         run_dir,
         "extract",
-        options=_manifest_options(options, dataset),
+        options=options.recorded(dataset),
         inputs={},
         outputs={FEATURES_FILE: sha256_file(final)},
         seconds=time.perf_counter() - started,

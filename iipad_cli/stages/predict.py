@@ -35,11 +35,11 @@ from iipad_cli.data.images import preprocess_image
 from iipad_cli.data.layouts import is_image
 from iipad_cli.distributed import Launch, launch_from_env, process_group, rank_device, shard_range
 from iipad_cli.errors import IipadError
+from iipad_cli.pipeline.predict import PredictOptions
+from iipad_cli.pipeline.score import DEFAULT_SIGMA
 from iipad_cli.schema.features import FEATURE_FIELDS
 from iipad_cli.schema.scores import read_scores_attrs
 from iipad_cli.stages._scoring import (
-    DEFAULT_BATCH,
-    DEFAULT_SIGMA,
     RunModels,
     attach_banks,
     check_finite_features,
@@ -56,19 +56,6 @@ PREDICT_JSON = "predict.json"
 # Each rank's rows go to predictions.csv.part-RRRRR-of-WWWWW until rank 0 merges them.
 PART_INFIX = ".part-"
 CSV_COLUMNS = ("path", "image_score", "prompt_max", "visual_max", "p_normal", "retrieval_sim", "retrieved")
-
-
-@dataclass(frozen=True)
-class PredictOptions:
-    """`top_k`/`sigma` None = what the run's `score` used (scores.h5), else K and 4."""
-
-    top_k: int | None = None
-    sigma: float | None = None
-    batch_size: int = DEFAULT_BATCH
-    weights: Path | None = None
-    device: str = "auto"
-    force: bool = False
-    quiet: bool = False
 
 
 @dataclass(frozen=True)
@@ -304,8 +291,7 @@ def predict(run_dir: Path, inputs: Sequence[str], out_dir: Path, options: Predic
     """Score `inputs` with the run; under torchrun each rank scores a contiguous shard of whole
     batches and rank 0 merges the ranks' rows into one predictions.csv in input order."""
     started = time.perf_counter()
-    if options.batch_size < 1:
-        raise IipadError(f"--batch-size must be at least 1, not {options.batch_size}")
+    options.validate()
     launch = launch_from_env()
     device = rank_device(options.device, launch)
     out_dir = Path(out_dir)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
@@ -31,11 +30,10 @@ from iipad_cli.artifacts import (
 from iipad_cli.data.images import load_rgb
 from iipad_cli.devices import resolve_device
 from iipad_cli.errors import IipadError
+from iipad_cli.pipeline.score import ScoreOptions
 from iipad_cli.schema.features import read_split
 from iipad_cli.schema.scores import load_scores, write_scores
 from iipad_cli.stages._scoring import (
-    DEFAULT_BATCH,
-    DEFAULT_SIGMA,
     attach_banks,
     check_finite_features,
     check_top_k,
@@ -50,21 +48,6 @@ from iipad_cli.viz import heatmap_figure, save_png
 RANDOM_NOTE = " (random weights)"
 
 
-@dataclass(frozen=True)
-class ScoreOptions:
-    """`top_k=None` = the shot count K; `heatmaps=None` = no heatmaps."""
-
-    top_k: int | None = None
-    sigma: float = DEFAULT_SIGMA
-    heatmaps: Path | None = None
-    batch_size: int = DEFAULT_BATCH
-    seed: int = 0
-    weights: Path | None = None
-    device: str = "auto"
-    force: bool = False
-    quiet: bool = False
-
-
 def resized_image(path: Path, resolution: int) -> np.ndarray:
     """The image as the model saw it (squashed to a square, bicubic) at the map's resolution."""
     return np.asarray(load_rgb(path).resize((resolution, resolution), Image.Resampling.BICUBIC))
@@ -73,10 +56,7 @@ def resized_image(path: Path, resolution: int) -> np.ndarray:
 def score_run(run_dir: Path, options: ScoreOptions) -> Path:
     """Write RUN/scores.h5 (and heatmaps when asked); returns its path."""
     started = time.perf_counter()
-    if options.batch_size < 1:
-        raise IipadError(f"--batch-size must be at least 1, not {options.batch_size}")
-    if options.sigma < 0:
-        raise IipadError(f"--sigma must be 0 or more, not {options.sigma}")
+    options.validate()
     torch.manual_seed(options.seed)
     run_dir = Path(run_dir)
     device = resolve_device(options.device)
@@ -140,17 +120,13 @@ def score_run(run_dir: Path, options: ScoreOptions) -> Path:
     note = RANDOM_NOTE if random_weights else ""
     log(f"scored {len(paths)} test images in {score_seconds:.1f} s ({rate:.2f} images/s){note} -> {out}", options.quiet)
     written = 0
-    if options.heatmaps is not None:
-        written = write_heatmaps(run_dir, options.heatmaps, quiet=options.quiet)
+    heatmaps = options.heatmaps_target(run_dir)
+    if heatmaps is not None:
+        written = write_heatmaps(run_dir, heatmaps, quiet=options.quiet)
     record_stage(
         run_dir,
         "score",
-        options={
-            **asdict(options),
-            "top_k": top_k,
-            "heatmaps": str(options.heatmaps) if options.heatmaps is not None else None,
-            "weights": str(options.weights) if options.weights else None,
-        },
+        options=options.recorded(run_dir, top_k),
         inputs={FEATURES_FILE: models.features_sha, GENERATOR_FILE: models.generator_sha, BANKS_FILE: models.banks_sha},
         outputs={SCORES_FILE: sha256_file(out)},
         seconds=time.perf_counter() - started,

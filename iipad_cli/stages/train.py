@@ -9,7 +9,6 @@ prompt cache. One image per step in a class-shuffled order by default (the relea
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import random
 import time
@@ -29,37 +28,19 @@ from iipad_cli.artifacts import (
     record_stage,
     sha256_file,
 )
-from iipad_cli.config import Preset, get_preset
+from iipad_cli.config import Preset
 from iipad_cli.devices import resolve_device
 from iipad_cli.errors import IipadError
 from iipad_cli.losses import normalise, prompt_losses
 from iipad_cli.models.prompt_generator import GeneratorConfig, PromptGenerator
 from iipad_cli.models.registry import get_spec, load_backbone
+from iipad_cli.pipeline.train import SCHEDULES, TrainOptions, effective_preset, recorded_options
 from iipad_cli.prompts import manual_prompt_embeddings, select_prompts
 from iipad_cli.schema.features import check_backbone_weights, load_features_attrs, read_split
 from iipad_cli.schema.generator import read_generator_metadata, save_generator
 from iipad_cli.ui import log, progress
 
-SCHEDULES = ("official-cosine", "constant")
 LOG_COLUMNS = ("epoch", "step", "images", "total", "semantic", "token", "text", "lr")
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """User options; None means "the preset's value". All of them are recorded."""
-
-    preset: str = "official"
-    epochs: int | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    schedule: str | None = None
-    batch_size: int = 1
-    seed: int = 0
-    prompts: Path | None = None
-    weights: Path | None = None
-    device: str = "auto"
-    force: bool = False
-    quiet: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,45 +62,6 @@ class TrainFeatures:
     cls_token: Tensor  # (N, 2, D)
     qformer: Tensor  # (N, M, d)
     vv: Tensor  # (N, L, P, D)
-
-
-def recorded_options(options: TrainOptions, preset: Preset) -> dict[str, Any]:
-    """The training options that define the result, as recorded in the manifest and generator
-    metadata; `iipad run` compares them to decide whether training is current."""
-    return {
-        "preset": options.preset,
-        "epochs": preset.epochs,
-        "lr": preset.lr,
-        "weight_decay": preset.weight_decay,
-        "schedule": preset.schedule,
-        "eta_min": preset.eta_min,
-        "batch_size": options.batch_size,
-        "seed": options.seed,
-        "prompts": str(options.prompts) if options.prompts else None,
-    }
-
-
-def effective_preset(options: TrainOptions) -> Preset:
-    """The named preset with the user's overrides applied (the values actually trained with)."""
-    preset = get_preset(options.preset)
-    overrides: dict[str, Any] = {}
-    if options.epochs is not None:
-        if options.epochs < 1:
-            raise IipadError(f"--epochs must be at least 1, not {options.epochs}")
-        overrides["epochs"] = options.epochs
-    if options.lr is not None:
-        if not options.lr > 0:
-            raise IipadError(f"--lr must be positive, not {options.lr}")
-        overrides["lr"] = options.lr
-    if options.weight_decay is not None:
-        if options.weight_decay < 0:
-            raise IipadError(f"--weight-decay must be non-negative, not {options.weight_decay}")
-        overrides["weight_decay"] = options.weight_decay
-    if options.schedule is not None:
-        if options.schedule not in SCHEDULES:
-            raise IipadError(f"unknown schedule {options.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
-        overrides["schedule"] = options.schedule
-    return dataclasses.replace(preset, **overrides)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, preset: Preset) -> torch.optim.lr_scheduler.LRScheduler:
@@ -191,8 +133,7 @@ def train(run_dir: Path, options: TrainOptions) -> TrainResult:
     run_dir = Path(run_dir)
     features_path = run_dir / FEATURES_FILE
     attrs = load_features_attrs(features_path)
-    if options.batch_size < 1:
-        raise IipadError(f"--batch-size must be at least 1, not {options.batch_size}")
+    options.validate()
     preset = effective_preset(options)
     backbone_id = str(attrs["backbone_id"])
     features_sha = sha256_file(features_path)

@@ -34,8 +34,9 @@ from iipad_cli.models.anomaly import normalise  # noqa: E402
 from iipad_cli.models.prompt_generator import GeneratorConfig, PromptGenerator  # noqa: E402
 from iipad_cli.models.registry import build_clip, get_spec  # noqa: E402
 from iipad_cli.models.text import PromptTextEncoder  # noqa: E402
+from iipad_cli.pipeline.score import DEFAULT_BATCH  # noqa: E402
 from iipad_cli.schema.banks import Banks  # noqa: E402
-from iipad_cli.stages._scoring import DEFAULT_BATCH, RunModels, score_features  # noqa: E402
+from iipad_cli.stages._scoring import RunModels, score_features  # noqa: E402
 
 BANK_IMAGES = 15
 
@@ -141,7 +142,7 @@ def bench_stages(shared_data: Path, device: str) -> dict[str, Any]:
         score_run(run, ScoreOptions(device=device, quiet=True))
         score_entry = json.loads((run / "manifest.json").read_text())["stages"]["score"]
         started = time.perf_counter()
-        score_run(run, ScoreOptions(device=device, quiet=True, heatmaps=root / "heatmaps"))
+        score_run(run, ScoreOptions(device=device, quiet=True, heatmaps_dir=root / "heatmaps"))
         with_heatmaps = time.perf_counter() - started
         images = [str(p) for p in sorted((shared_data / "mvtec" / "bottle" / "test").rglob("*.png"))]
         result = predict(run, images, root / "predict", PredictOptions(device=device, quiet=True))

@@ -1,0 +1,100 @@
+"""The `extract` stage declared: its options, their checks, its currency key and its output."""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
+
+from iipad_cli import options as o
+from iipad_cli.artifacts import FEATURES_FILE, sha256_json
+from iipad_cli.pipeline.stage import Stage, at_least, weights_text
+
+if TYPE_CHECKING:
+    from iipad_cli.data.layouts import Dataset
+
+
+def default_workers() -> int:
+    return min(2, os.cpu_count() or 1)
+
+
+def default_run_dir(data: Path, shots: int) -> Path:
+    """design.md §1: `runs/<data-dir-name>-<K>shot` when `-o` is omitted."""
+    return Path("runs") / f"{Path(data).resolve().name}-{shots}shot"
+
+
+def listing_digest(dataset: "Dataset") -> str:
+    """Hash of the image listing, so a data folder that gained or lost files is not mixed into a file."""
+    rows = [
+        [s.split, s.rel_path, s.cls, s.defect, s.label, s.mask_path.as_posix() if s.mask_path else None]
+        for s in (*dataset.train, *dataset.test)
+    ]
+    return sha256_json(rows)
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """The options of `iipad extract` (see `iipad extract --help`)."""
+
+    data: o.DataArg
+    shots: o.Shots
+    output: o.Output = None
+    backbone: o.Backbone = "vit-l-14"
+    weights: o.Weights = None
+    layout: o.Layout = "auto"
+    classes: o.Classes = None
+    shot_policy: o.ShotPolicy = "random"
+    seed: o.described(o.Seed, "Seed of the random K-shot draw.") = 0
+    resolution: o.MaskResolution = 224
+    batch_size: o.BatchSize = 8
+    workers: o.Workers = None
+    device: o.Device = "auto"
+    force: o.described(o.Force, "Replace features made with other options.") = False
+    quiet: o.Quiet = False
+
+    # Recorded, but the features do not depend on them.
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"batch_size", "workers", "device"})
+
+    def validate(self) -> None:
+        at_least("--shots", self.shots, 1)
+        at_least("--resolution", self.resolution, 1)
+        at_least("--batch-size", self.batch_size, 1)
+        if self.workers is not None:
+            at_least("--workers", self.workers, 0)
+
+    def recorded(self, dataset: "Dataset") -> dict[str, Any]:
+        """The options as RUN/manifest.json records them (paths resolved by the data layout)."""
+        return {
+            "data": str(dataset.root),
+            "samples_sha256": listing_digest(dataset),
+            "shots": self.shots,
+            "backbone": self.backbone,
+            "weights": weights_text(self.weights),
+            "layout": dataset.layout,
+            "classes": list(dataset.classes),
+            "shot_policy": self.shot_policy,
+            "seed": self.seed,
+            "resolution": self.resolution,
+            "batch_size": self.batch_size,
+            "workers": default_workers() if self.workers is None else self.workers,
+            "device": self.device,
+        }
+
+    def key(self, run_dir: Path) -> dict[str, Any]:
+        from iipad_cli.data.layouts import load_dataset
+
+        recorded = self.recorded(load_dataset(self.data, self.layout, self.classes))
+        return {name: value for name, value in recorded.items() if name not in self.NOT_IN_KEY}
+
+    def missing(self, run_dir: Path) -> Optional[str]:
+        return None
+
+
+def _run(run_dir: Path, options: ExtractOptions) -> None:
+    from dataclasses import replace
+
+    from iipad_cli.stages.extract import run_extract
+
+    run_extract(replace(options, output=run_dir))
+
+
+EXTRACT = Stage("extract", ExtractOptions, _run, (FEATURES_FILE,), run_dir_field="output", replace_needs_force=True)

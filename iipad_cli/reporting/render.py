@@ -1,0 +1,70 @@
+"""A metrics document rendered as CSV or as a Rich table (in percent)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+from rich.table import Table
+
+from iipad_cli.reporting.columns import CAPTION, LABELS
+
+
+def to_csv(document: dict[str, Any]) -> str:
+    """One row per class and a `mean` row; multi-run documents get `_mean`/`_std` columns."""
+    keys = document["metrics"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    multi = "runs" in document
+    if multi:
+        writer.writerow(["class", *[f"{k}_{s}" for k in keys for s in ("mean", "std")], "runs"])
+        for name, cells in [*document["classes"].items(), ("mean", document["mean"])]:
+            writer.writerow([name, *[_csv(cells[k][s]) for k in keys for s in ("mean", "std")], len(document["runs"])])
+    else:
+        writer.writerow(["class", *keys, "images", "anomalous"])
+        for name, cells in document["classes"].items():
+            writer.writerow([name, *[_csv(cells[k]) for k in keys], cells["images"], cells["anomalous"]])
+        mean = document["mean"]
+        writer.writerow(["mean", *[_csv(mean[k]["value"]) for k in keys], "", ""])
+        writer.writerow(["mean_classes_covered", *[mean[k]["classes"] for k in keys], "", ""])
+    return buffer.getvalue()
+
+
+def _csv(value: float | None) -> str:
+    return "nan" if value is None else repr(float(value))
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def to_table(document: dict[str, Any]) -> Table:
+    """A Rich table in percent; cells of several runs read `mean ± std`."""
+    keys = document["metrics"]
+    table = Table(title=document["title"], caption=CAPTION)
+    table.add_column("class")
+    for key in keys:
+        table.add_column(LABELS[key], justify="right")
+    multi = "runs" in document
+    for name, cells in document["classes"].items():
+        table.add_row(name, *[_cell(cells[key], multi) for key in keys])
+    if multi:
+        table.add_row("mean", *[_cell(document["mean"][key], True) for key in keys], style="bold")
+    else:
+        mean = document["mean"]
+        table.add_row(
+            "mean",
+            *[f"{_percent(mean[k]['value'])} ({mean[k]['classes']}/{mean[k]['of']} classes)" for k in keys],
+            style="bold",
+        )
+    return table
+
+
+def _cell(value: Any, multi: bool) -> str:
+    if not multi:
+        return _percent(value)
+    if value["mean"] is None:
+        return "n/a"
+    std = "" if value["std"] is None else f" ± {100 * value['std']:.1f}"
+    return f"{_percent(value['mean'])}{std}"
