@@ -9,6 +9,8 @@ from open_clip.model import CLIP
 from torch import Tensor
 
 from iipad_cli.config import BackboneSpec
+from iipad_cli.devices import DTYPES
+from iipad_cli.models.precision import cast_matmul_weights
 from iipad_cli.models.qformer import QFormer
 from iipad_cli.models.text import PromptTextEncoder
 from iipad_cli.models.vv_clip import vv_forward
@@ -16,7 +18,7 @@ from iipad_cli.models.vv_clip import vv_forward
 
 @dataclass
 class ImageFeatures:
-    """Per-image features in the `features.h5` layout (fp32 here; stored as fp16).
+    """Per-image features in the `features.h5` layout (fp32 at either precision; stored as fp16).
 
     cls_token: (B, 2, embed_dim)  E_v(x) without / with ln_post
     qformer:   (B, M, d)          Q-Former object tokens Z
@@ -37,6 +39,7 @@ class Backbone:
     `trunk_shared` is True when the Q-Former's vision tower has exactly the CLIP visual tower's
     weights for its blocks, so the dual-path pass can feed it (design.md §4).
     `weights` maps each weight source to its sha256 (or to "random(seed=N)").
+    `precision` is the dtype of the image encoders' matmuls ("fp32" or "bf16", `set_precision`).
     """
 
     spec: BackboneSpec
@@ -44,6 +47,7 @@ class Backbone:
     qformer: QFormer
     trunk_shared: bool
     weights: dict[str, str] = field(default_factory=dict)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         self.clip.eval().requires_grad_(False)
@@ -61,6 +65,25 @@ class Backbone:
     def to(self, device: torch.device | str) -> "Backbone":
         self.clip.to(device)
         self.qformer.to(device)
+        return self
+
+    def set_precision(self, precision: str) -> "Backbone":
+        """Run the image encoders' transformer-block matmuls in `precision` ("fp32" or "bf16").
+
+        bf16 casts the linear layers of the CLIP visual blocks, the Q-Former vision tower and its
+        querying transformer once; embeddings, LayerNorms, the residual streams, CLIP's output
+        projection, the Q-Former's `proj_layer` and the text tower stay fp32 (models/precision.py).
+        Casting is one-way: a bf16 backbone cannot go back to fp32 weights.
+        """
+        if precision == self.precision:
+            return self
+        if (self.precision, precision) != ("fp32", "bf16"):
+            raise ValueError(f"cannot change a {self.precision} backbone to {precision!r}")
+        dtype = DTYPES[precision]
+        cast_matmul_weights(self.clip.visual.transformer, dtype)
+        cast_matmul_weights(self.qformer.visual_encoder.encoder, dtype)
+        cast_matmul_weights(self.qformer.encoder, dtype)
+        self.precision = precision
         return self
 
     def encode_images(self, images: Tensor, share_trunk: bool | None = None) -> ImageFeatures:

@@ -25,11 +25,7 @@ from torch import Tensor, nn
 
 from iipad_cli.config import QFormerConfig
 from iipad_cli.errors import IipadError
-
-
-def quick_gelu(x: Tensor) -> Tensor:
-    """OpenAI CLIP's sigmoid approximation of GELU (used by the vision MLPs and `proj_layer`)."""
-    return x * torch.sigmoid(1.702 * x)
+from iipad_cli.models.precision import CastingLinear, quick_gelu_
 
 
 def _split_heads(x: Tensor, heads: int) -> Tensor:
@@ -67,8 +63,8 @@ class VisionAttention(nn.Module):
     def __init__(self, config: QFormerConfig) -> None:
         super().__init__()
         self.heads = config.vision_heads
-        self.qkv = nn.Linear(config.vision_width, 3 * config.vision_width)
-        self.projection = nn.Linear(config.vision_width, config.vision_width)
+        self.qkv = CastingLinear(config.vision_width, 3 * config.vision_width)
+        self.projection = CastingLinear(config.vision_width, config.vision_width)
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = (_split_heads(part, self.heads) for part in self.qkv(x).chunk(3, dim=-1))
@@ -78,11 +74,11 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, config: QFormerConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.vision_width, config.vision_mlp)
-        self.fc2 = nn.Linear(config.vision_mlp, config.vision_width)
+        self.fc1 = CastingLinear(config.vision_width, config.vision_mlp)
+        self.fc2 = CastingLinear(config.vision_mlp, config.vision_width)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(quick_gelu(self.fc1(x)))
+        return self.fc2(quick_gelu_(self.fc1(x)))
 
 
 class VisionLayer(nn.Module):
@@ -150,9 +146,9 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, config: QFormerConfig, kv_width: int) -> None:
         super().__init__()
         self.heads = config.heads
-        self.query = nn.Linear(config.hidden, config.hidden)
-        self.key = nn.Linear(kv_width, config.hidden)
-        self.value = nn.Linear(kv_width, config.hidden)
+        self.query = CastingLinear(config.hidden, config.hidden)
+        self.key = CastingLinear(kv_width, config.hidden)
+        self.value = CastingLinear(kv_width, config.hidden)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         q = _split_heads(self.query(x), self.heads)
@@ -166,7 +162,7 @@ class AttentionOutput(nn.Module):
 
     def __init__(self, config: QFormerConfig, width: int) -> None:
         super().__init__()
-        self.dense = nn.Linear(width, config.hidden)
+        self.dense = CastingLinear(width, config.hidden)
         self.LayerNorm = nn.LayerNorm(config.hidden, eps=config.ln_eps)
 
     def forward(self, hidden: Tensor, residual: Tensor) -> Tensor:
@@ -186,7 +182,7 @@ class Attention(nn.Module):
 class Intermediate(nn.Module):
     def __init__(self, config: QFormerConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden, config.intermediate)
+        self.dense = CastingLinear(config.hidden, config.intermediate)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.gelu(self.dense(x))
@@ -225,12 +221,12 @@ class ProjLayer(nn.Module):
 
     def __init__(self, config: QFormerConfig) -> None:
         super().__init__()
-        self.dense1 = nn.Linear(config.hidden, 4 * config.hidden)
-        self.dense2 = nn.Linear(4 * config.hidden, config.hidden)
+        self.dense1 = CastingLinear(config.hidden, 4 * config.hidden)
+        self.dense2 = CastingLinear(4 * config.hidden, config.hidden)
         self.LayerNorm = nn.LayerNorm(config.hidden, eps=config.ln_eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.dense2(quick_gelu(self.dense1(self.LayerNorm(x))))
+        return x + self.dense2(quick_gelu_(self.dense1(self.LayerNorm(x))))
 
 
 class QFormer(nn.Module):

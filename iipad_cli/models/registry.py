@@ -232,11 +232,17 @@ def build_random_backbone(spec: BackboneSpec, *, seed: int | None = None, tie_tr
     return Backbone(spec=spec, clip=clip, qformer=qformer, trunk_shared=shared, weights={"random": f"random(seed={seed})"})
 
 
-def load_backbone(spec: BackboneSpec, weights_dir: Path | None = None, device: str | torch.device = "cpu") -> Backbone:
-    """Build the backbone of `spec`: real weights when found, seeded random weights for `tiny`."""
+def load_backbone(
+    spec: BackboneSpec, weights_dir: Path | None = None, device: str | torch.device = "cpu", precision: str = "fp32"
+) -> Backbone:
+    """Build the backbone of `spec`: real weights when found, seeded random weights for `tiny`.
+
+    `precision` ("fp32" or "bf16", already resolved: devices.resolve_precision) is that of the
+    image encoders' matmuls (`Backbone.set_precision`).
+    """
     paths = find_weights(spec, weights_dir)
     if paths is None:
-        return build_random_backbone(spec).to(device)
+        return build_random_backbone(spec).set_precision(precision).to(device)
     clip = build_clip(spec)
     try:
         open_clip.load_checkpoint(clip, str(paths.clip), strict=True)
@@ -247,7 +253,8 @@ def load_backbone(spec: BackboneSpec, weights_dir: Path | None = None, device: s
     load_qformer_weights(qformer, load_qformer_state_dict(paths.qformer), source=paths.qformer)
     shared = trunk_matches_clip(qformer, clip.visual)
     weights = {str(paths.clip): file_sha256(paths.clip), str(paths.qformer): file_sha256(paths.qformer)}
-    return Backbone(spec=spec, clip=clip, qformer=qformer, trunk_shared=shared, weights=weights).to(device)
+    backbone = Backbone(spec=spec, clip=clip, qformer=qformer, trunk_shared=shared, weights=weights)
+    return backbone.set_precision(precision).to(device)
 
 
 def export_weights(backbone: Backbone, directory: Path, qformer_format: str = "bin") -> WeightPaths:

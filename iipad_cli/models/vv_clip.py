@@ -9,6 +9,10 @@ The released IIPAD code (AnomalyCLIP's DPAM, reference-implementation.md §1) tu
   the state before the first dual block.
 
 One forward returns everything `extract` stores, so each image goes through the ViT once.
+
+Every block runs through this module's own forward (`plain_block`, `dual_path_block`), so the
+matmuls follow the weights' dtype (bf16 under `--precision bf16`, see models/precision.py) while
+the residual stream, the LayerNorms and the output projections stay in the input's dtype (fp32).
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
 from torch import Tensor
+
+from iipad_cli.models.precision import linear, quick_gelu_
 
 
 @dataclass
@@ -39,11 +45,14 @@ class VisualFeatures:
 
 
 def _qkv(block: ResidualAttentionBlock, x_norm: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused in-projection of nn.MultiheadAttention, split into (B, heads, N, head_dim) q, k, v."""
+    """Fused in-projection of nn.MultiheadAttention, split into (B, heads, N, head_dim) q, k, v.
+
+    Runs in the weights' dtype (bf16 under `--precision bf16`, the LayerNorm output cast to it).
+    """
     attn = block.attn
     batch, tokens, width = x_norm.shape
     heads = attn.num_heads
-    qkv = F.linear(x_norm, attn.in_proj_weight, attn.in_proj_bias)
+    qkv = linear(x_norm, attn.in_proj_weight, attn.in_proj_bias)
     qkv = qkv.reshape(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
     return qkv[0], qkv[1], qkv[2]
 
@@ -51,7 +60,24 @@ def _qkv(block: ResidualAttentionBlock, x_norm: Tensor) -> tuple[Tensor, Tensor,
 def _merge_heads(block: ResidualAttentionBlock, heads_out: Tensor) -> Tensor:
     batch, _, tokens, _ = heads_out.shape
     merged = heads_out.transpose(1, 2).reshape(batch, tokens, -1)
-    return block.attn.out_proj(merged)
+    out_proj = block.attn.out_proj
+    return linear(merged, out_proj.weight, out_proj.bias)
+
+
+def _mlp(block: ResidualAttentionBlock, x_norm: Tensor) -> Tensor:
+    """c_proj(act(c_fc(x))) in the weights' dtype; QuickGELU in place (bit-identical, fewer temporaries)."""
+    mlp = block.mlp
+    hidden = linear(x_norm, mlp.c_fc.weight, mlp.c_fc.bias)
+    hidden = quick_gelu_(hidden) if isinstance(mlp.gelu, QuickGELU) else mlp.gelu(hidden)
+    return linear(hidden, mlp.c_proj.weight, mlp.c_proj.bias)
+
+
+def plain_block(block: ResidualAttentionBlock, x: Tensor) -> Tensor:
+    """An unmodified CLIP block, x + attn(ln_1 x), then + mlp(ln_2 x), with the residual stream and
+    LayerNorms in x's dtype (fp32) and the projections and attention in the weights' dtype."""
+    q, k, v = _qkv(block, block.ln_1(x))
+    x = x + block.ls_1(_merge_heads(block, F.scaled_dot_product_attention(q, k, v)))
+    return x + block.ls_2(_mlp(block, block.ln_2(x)))
 
 
 def dual_path_block(block: ResidualAttentionBlock, x_ori: Tensor) -> tuple[Tensor, Tensor]:
@@ -64,7 +90,7 @@ def dual_path_block(block: ResidualAttentionBlock, x_ori: Tensor) -> tuple[Tenso
     original_attn = _merge_heads(block, F.scaled_dot_product_attention(q, k, v))
     vv_attn = _merge_heads(block, F.scaled_dot_product_attention(v, v, v))
     x = x_ori + block.ls_1(original_attn)
-    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    x = x + block.ls_2(_mlp(block, block.ln_2(x)))
     return x, block.ls_1(vv_attn)
 
 
@@ -90,7 +116,7 @@ def vv_forward(
     trunk: Tensor | None = None
     for layer, block in enumerate(blocks, start=1):
         if layer < vv_start_layer:
-            x_next = block(x)
+            x_next = plain_block(block, x)
         else:
             x_next, vv_residual = dual_path_block(block, x)
             x_vv = (x if x_vv is None else x_vv) + vv_residual
