@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from iipad_cli import __version__
+from iipad_cli.digests import sha256_file as sha256_file  # artifacts are named by this digest
 from iipad_cli.errors import IipadError
 
 FEATURES_FILE = "features.h5"
@@ -75,14 +76,6 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sha256_json(data: Any) -> str:

@@ -14,8 +14,9 @@ from torch import Tensor
 
 from iipad_cli.config import QFormerConfig
 from iipad_cli.errors import IipadError
-from iipad_cli.models.qformer import QFormer, load_qformer_state_dict, trunk_matches_clip
-from iipad_cli.models.registry import build_random_backbone, export_weights, get_spec, load_backbone
+from iipad_cli.checkpoints import export_weights, load_backbone, load_qformer_state_dict
+from iipad_cli.models.qformer import QFormer, trunk_matches_clip
+from iipad_cli.models.registry import build_random_backbone, get_spec
 
 # The checkpoint key families of `Salesforce/blipdiffusion` qformer/pytorch_model.bin (backbones.md).
 KEY_FAMILIES = [
@@ -35,7 +36,7 @@ KEY_FAMILIES = [
 
 @pytest.fixture(autouse=True)
 def _private_hash_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep registry.file_sha256's cache out of the user's home."""
+    """Keep iipad's caches (the digest cache among them) out of the user's home."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from iipad_cli import digests
 from iipad_cli.artifacts import METRICS_JSON, read_manifest, record_stage, sha256_file
 from iipad_cli.cli import app
 from iipad_cli.pipeline import EXTRACT
@@ -80,6 +83,30 @@ def test_second_run_redoes_nothing_and_gives_the_same_metrics(demo: tuple[Path, 
     assert _last_run_stages(run_dir) == {stage: "skipped: current" for stage in STAGES}
     assert sha256_file(run_dir / METRICS_JSON) == metrics_before
     assert "image AUROC" in result.stderr
+
+
+def test_a_cached_run_reads_each_file_at_most_once(demo: tuple[Path, object], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every stage lists features.h5 as an input or output; a cached run hashes it once in all."""
+    out, _ = demo
+    run_dir = out / "run-tiny"
+    for path in run_dir.rglob("*"):
+        if path.is_file():  # old enough for the digest cache to trust (see digests.RACY_NS)
+            stamp = path.stat().st_mtime_ns - 60_000_000_000
+            os.utime(path, ns=(stamp, stamp))
+    reads: Counter = Counter()
+    real = digests.read_digest
+
+    def counting(path: Path) -> str:
+        reads[Path(path).resolve()] += 1
+        return real(path)
+
+    digests.clear_memory()
+    monkeypatch.setattr(digests, "read_digest", counting)
+    _invoke(["run", str(out / "data"), "-o", str(run_dir), *DEMO_RUN_ARGS])
+    digests.clear_memory()
+    assert _last_run_stages(run_dir) == {stage: "skipped: current" for stage in STAGES}
+    assert reads[(run_dir / "features.h5").resolve()] == 1
+    assert max(reads.values()) == 1, reads
 
 
 def test_changing_the_preset_reruns_train_bank_score_and_metrics_only(demo: tuple[Path, object], tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from iipad_cli.cli import app
-from iipad_cli.models.registry import build_random_backbone, export_weights, get_spec, load_backbone
+from iipad_cli.checkpoints import export_weights, load_backbone
+from iipad_cli.models.registry import build_random_backbone, get_spec
 
 runner = CliRunner()
 

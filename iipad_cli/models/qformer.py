@@ -12,15 +12,12 @@ the CLIP text encoder's token-embedding space.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from iipad_cli.config import QFormerConfig
@@ -318,21 +315,6 @@ def trunk_matches_clip(qformer: QFormer, visual: VisionTransformer) -> bool:
         if not torch.equal(own.detach().reshape(-1), clip_tensor.detach().to(own.device).reshape(-1)):
             return False
     return True
-
-
-def load_qformer_state_dict(path: Path) -> dict[str, Tensor]:
-    """Read a Q-Former checkpoint: the released `.bin` pickle (weights_only) or a safetensors file."""
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path), device="cpu")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, SafetensorError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise IipadError(f"{path}: cannot read the Q-Former checkpoint ({first_line})") from None
-    if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
-        raise IipadError(f"{path}: not a Q-Former checkpoint (expected a flat dict of tensors)")
-    return state
 
 
 def _key_list(keys: list[str], limit: int = 8) -> str:

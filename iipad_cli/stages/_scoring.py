@@ -24,7 +24,8 @@ from iipad_cli.errors import IipadError
 from iipad_cli.models.anomaly import AnomalyOutput, anomaly_scores, instance_prompts
 from iipad_cli.models.backbone import Backbone
 from iipad_cli.models.prompt_generator import PromptGenerator
-from iipad_cli.models.registry import get_spec, load_backbone
+from iipad_cli.checkpoints import load_backbone
+from iipad_cli.models.registry import get_spec
 from iipad_cli.schema.banks import Banks, load_banks, read_banks_metadata
 from iipad_cli.schema.features import FEATURE_FIELDS, check_backbone_weights, load_features_attrs
 from iipad_cli.schema.generator import load_generator

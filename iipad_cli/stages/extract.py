@@ -32,7 +32,8 @@ from iipad_cli.data.shots import select_shots, shot_files
 from iipad_cli.devices import resolve_device
 from iipad_cli.errors import IipadError
 from iipad_cli.models.backbone import Backbone
-from iipad_cli.models.registry import file_sha256, find_weights, get_spec, load_backbone
+from iipad_cli.checkpoints import find_weights, load_backbone
+from iipad_cli.models.registry import get_spec
 from iipad_cli.pipeline.extract import ExtractOptions, default_run_dir, default_workers, listing_digest
 from iipad_cli.schema.features import FEATURE_FIELDS, FeatureShapes, FeaturesWriter, differing_attrs, read_attrs
 from iipad_cli.ui import log, progress
@@ -108,7 +109,7 @@ def _weights_attrs(spec: BackboneSpec, weights_dir: Path | None) -> dict[str, An
     paths = find_weights(spec, weights_dir)
     if paths is None:
         return {"weights_sha256": ["random"], "random_weights": True}
-    return {"weights_sha256": sorted([file_sha256(paths.clip), file_sha256(paths.qformer)]), "random_weights": False}
+    return {"weights_sha256": sorted([sha256_file(paths.clip), sha256_file(paths.qformer)]), "random_weights": False}
 
 
 def _file_attrs(options: ExtractOptions, dataset: Dataset, spec: BackboneSpec, shots: Sequence[Sample]) -> dict[str, Any]:

@@ -33,7 +33,8 @@ from iipad_cli.devices import resolve_device
 from iipad_cli.errors import IipadError
 from iipad_cli.losses import normalise, prompt_losses
 from iipad_cli.models.prompt_generator import GeneratorConfig, PromptGenerator
-from iipad_cli.models.registry import get_spec, load_backbone
+from iipad_cli.checkpoints import load_backbone
+from iipad_cli.models.registry import get_spec
 from iipad_cli.pipeline.train import SCHEDULES, TrainOptions, effective_preset, recorded_options
 from iipad_cli.prompts import manual_prompt_embeddings, select_prompts
 from iipad_cli.schema.features import check_backbone_weights, load_features_attrs, read_split

@@ -17,18 +17,11 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from iipad_cli.artifacts import atomic_path
+from iipad_cli.digests import sha256_file
 from iipad_cli.errors import IipadError
-from iipad_cli.models.qformer import QFormer, load_qformer_state_dict, validate_qformer_state_dict
-from iipad_cli.models.registry import (
-    CLIP_HF_REPO,
-    CLIP_WEIGHT_FILES,
-    QFORMER_HF_REPO,
-    QFORMER_WEIGHT_FILES,
-    file_sha256,
-    find_weights,
-    get_spec,
-    load_backbone,
-)
+from iipad_cli.checkpoints import CLIP_WEIGHT_FILES, QFORMER_WEIGHT_FILES, find_weights, load_backbone, load_qformer_state_dict
+from iipad_cli.models.qformer import QFormer, validate_qformer_state_dict
+from iipad_cli.models.registry import CLIP_HF_REPO, QFORMER_HF_REPO, get_spec
 
 # The files `fetch` downloads, as (repository, file inside it); saved under the same relative path.
 FETCH_FILES: tuple[tuple[str, str], ...] = (
@@ -74,7 +67,7 @@ def check_weights(backbone_id: str, weights_dir: Path | None) -> WeightsReport:
     if paths is None:
         return WeightsReport(spec.backbone_id, True, (), backbone.trunk_shared)
     files = tuple(
-        WeightFile(role, path, path.stat().st_size, file_sha256(path))
+        WeightFile(role, path, path.stat().st_size, sha256_file(path))
         for role, path in (("clip", paths.clip), ("qformer", paths.qformer))
     )
     return WeightsReport(spec.backbone_id, False, files, backbone.trunk_shared)
@@ -132,7 +125,7 @@ def convert_qformer(source: Path, output: Path | None, backbone_id: str = "vit-l
     dropped = tuple(sorted(key for key in state if key not in used))
     kept = {key: value for key, value in state.items() if key in used}
     validate_qformer_state_dict(model, kept, source=source)
-    metadata = {"source": source.name, "source_sha256": file_sha256(source), "backbone": spec.backbone_id}
+    metadata = {"source": source.name, "source_sha256": sha256_file(source), "backbone": spec.backbone_id}
     with atomic_path(output) as tmp:
         save_file(_unshared(kept), str(tmp), metadata=metadata)
     return ConvertReport(output=output, kept=len(kept), dropped=dropped)
