@@ -1,4 +1,4 @@
-"""Analytic FLOP counts (iipad_cli/flops.py) against independent numbers.
+"""Analytic FLOP counts (tests/bench/flops.py) against independent numbers.
 
 ViT-L/14: the GFLOP figures written out in reference-implementation.md §8 and backbones.md, which
 were derived separately; they are quoted to 3-4 significant digits, so the tolerance is 1 % for a
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from iipad_cli import flops
+from bench import flops
 from iipad_cli.config import BackboneSpec
 from iipad_cli.models.registry import get_spec
 

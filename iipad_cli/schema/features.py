@@ -175,11 +175,6 @@ def read_attrs(path: Path) -> dict[str, Any]:
         return {key: _decode_attr(key, value) for key, value in handle.attrs.items()}
 
 
-def split_length(path: Path, split: str) -> int:
-    with _open(Path(path)) as handle:
-        return int(handle[split].attrs["rows_written"])
-
-
 def read_split(path: Path, split: str, fields: Iterable[str] | None = None) -> dict[str, np.ndarray | list[str]]:
     """The datasets `fields` (default: all) of one split; strings as `list[str]`, the rest as arrays.
 

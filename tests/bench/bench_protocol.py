@@ -44,7 +44,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from iipad_cli import flops
+# flops.py sits beside this file (it is for tests and benchmarks, not part of the package).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import flops  # noqa: E402
+
 from iipad_cli.config import BackboneSpec, get_preset
 from iipad_cli.losses import prompt_losses
 from iipad_cli.models.anomaly import anomaly_scores, normalise
