@@ -7,7 +7,7 @@
    values), at batch 1 and 8, with the shared trunk and with the Q-Former running its own tower,
    once per precision (fp32 first, then the same model cast with `Backbone.set_precision("bf16")`).
    Each rate has images/s (wall clock), CPU seconds per image, GFLOP per image
-   (`iipad_cli.flops.extract_macs`) and the fraction of this run's GEMM peak *of that precision*
+   (`tests/bench/flops.py: extract_macs`) and the fraction of this run's GEMM peak *of that precision*
    (`bench_peak.measure_peaks`, measured before and after the encoder sections; the better of
    the two). Fractions use the CPU clock (process CPU seconds / threads, as bench_peak does):
    on the shared development machine wall clocks measure the neighbours.
@@ -44,10 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_peak import machine_flags, measure_peaks  # noqa: E402
+from flops import extract_macs, gflop  # noqa: E402
 
 from iipad_cli.data.images import preprocess_image  # noqa: E402
 from iipad_cli.data.layouts import load_dataset  # noqa: E402
-from iipad_cli.flops import extract_macs, gflop  # noqa: E402
 from iipad_cli.models.backbone import Backbone, ImageFeatures  # noqa: E402
 from iipad_cli.models.registry import build_random_backbone, get_spec  # noqa: E402
 from iipad_cli.schema.features import FEATURE_FIELDS  # noqa: E402
