@@ -52,6 +52,19 @@ class Banks:
             metadata=self.metadata,
         )
 
+    def without(self, row: int) -> "Banks":
+        """The banks minus one image (leave-one-out calibration scores each shot against the others)."""
+        keep = [index for index in range(len(self)) if index != row]
+        return Banks(
+            query=self.query[keep],
+            prompt=self.prompt[keep],
+            mem=self.mem[:, keep],
+            memory_layers=self.memory_layers,
+            paths=[self.paths[index] for index in keep],
+            classes=[self.classes[index] for index in keep],
+            metadata=self.metadata,
+        )
+
 
 def mem_key(layer: int) -> str:
     return f"mem{layer}"

@@ -127,6 +127,15 @@ def features_to_device(arrays: dict[str, np.ndarray], device: torch.device) -> d
     return {name: torch.from_numpy(np.ascontiguousarray(arrays[name])).to(device).float() for name in FEATURE_FIELDS}
 
 
+def encode_for_scoring(models: RunModels, images: Sequence[Tensor]) -> dict[str, Tensor]:
+    """Preprocessed images (3, S, S) -> feature tensors as `score` sees them: encoded by the run's
+    frozen backbone, then rounded to the fp16 that features.h5 stores (the run's test images were
+    scored from those), as float32 on the device."""
+    with torch.inference_mode():
+        encoded = models.backbone.encode_images(torch.stack(list(images)).to(models.device))
+    return {name: getattr(encoded, name).half().float() for name in FEATURE_FIELDS}
+
+
 def check_finite_features(features: dict[str, Tensor], names: Sequence[str], where: str) -> None:
     """NaN/Inf in any feature of an image is a one-line error naming the image."""
     for field in FEATURE_FIELDS:
