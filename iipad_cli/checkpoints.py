@@ -73,7 +73,8 @@ def missing_weights_message(spec: BackboneSpec, searched: list[Path]) -> str:
         f"weights for backbone {spec.backbone_id} not found (searched {where} and the Hugging Face cache "
         f"{_hf_cache_dir()}): put {CLIP_WEIGHT_FILES[0]} (from {CLIP_HF_REPO}) and qformer/pytorch_model.bin "
         f"(from {QFORMER_HF_REPO}) in one directory and pass --weights DIR or set ${WEIGHTS_ENV}; "
-        "on a networked machine `iipad weights fetch --weights DIR` downloads just these files"
+        "on a networked machine `iipad weights fetch --weights DIR` downloads just these files; "
+        "to try iipad without weights, use `--backbone tiny` (random weights, offline) or `iipad demo`"
     )
 
 

@@ -49,6 +49,15 @@ def test_missing_real_weights_offline_fails_cleanly() -> None:
     assert "vit-l-14" in line and "not found" in line
     assert "open_clip_model.safetensors" in line and "qformer/pytorch_model.bin" in line
     assert "--weights DIR" in line and "iipad weights fetch" in line
+    assert "--backbone tiny" in line and "iipad demo" in line  # how to try the tool without weights
+
+
+def test_missing_weights_in_extract_mention_the_tiny_backbone(tmp_path: Path, shared_data: Path) -> None:
+    result = runner.invoke(
+        app, ["extract", str(shared_data / "mvtec"), "--shots", "1", "--backbone", "vit-l-14", "-o", str(tmp_path / "run"), "--quiet"]
+    )
+    line = _assert_clean_failure(result)
+    assert "not found" in line and "--backbone tiny" in line
 
 
 def test_empty_weights_directory_is_named(tmp_path: Path) -> None:
