@@ -116,6 +116,28 @@ HeatmapsDir = Annotated[
     typer.Option(help="Where the heatmaps go (implies --heatmaps; default: RUN/heatmaps).", show_default=False),
 ]
 
+# score: label-free thresholds
+Normal = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        help="Extra normal images (files, directories or quoted globs; repeatable) for the label-free thresholds.",
+        show_default=False,
+    ),
+]
+
+# predict: decisions
+Threshold = Annotated[
+    Optional[float],
+    typer.Option(help="Image-score threshold for every image (default: the run's label-free thresholds).", show_default=False),
+]
+PixelThreshold = Annotated[
+    Optional[float],
+    typer.Option(help="Map threshold of the masks (default: the run's label-free thresholds).", show_default=False),
+]
+PredictResolution = Annotated[
+    str, typer.Option(help="224 (maps and masks at the run's resolution) or native (at each image's own size).")
+]
+
 # metrics
 EvalResolution = Annotated[
     str, typer.Option(help="224 (stored maps and masks) or native (maps upsampled to each mask's size).")

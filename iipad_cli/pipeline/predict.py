@@ -7,7 +7,7 @@ import typer
 
 from iipad_cli import options as o
 from iipad_cli.pipeline.score import DEFAULT_BATCH
-from iipad_cli.pipeline.stage import at_least
+from iipad_cli.pipeline.stage import at_least, one_of
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,9 @@ class PredictOptions:
         Optional[float],
         typer.Option(help="Gaussian smoothing in pixels (default: as the run's score, 4).", show_default=False),
     ] = None
+    threshold: o.Threshold = None
+    pixel_threshold: o.PixelThreshold = None
+    resolution: o.PredictResolution = "224"
     batch_size: o.BatchSize = DEFAULT_BATCH
     weights: o.Weights = None
     device: o.Device = "auto"
@@ -27,3 +30,4 @@ class PredictOptions:
 
     def validate(self) -> None:
         at_least("--batch-size", self.batch_size, 1)
+        one_of("--resolution", self.resolution, ("224", "native"))

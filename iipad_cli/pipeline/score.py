@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from iipad_cli import options as o
-from iipad_cli.artifacts import FEATURES_FILE, HEATMAPS_DIR, SCORES_FILE
+from iipad_cli.artifacts import FEATURES_FILE, HEATMAPS_DIR, SCORES_FILE, THRESHOLDS_FILE
 from iipad_cli.pipeline.stage import Stage, at_least, weights_text
 
 # Gaussian smoothing of the maps in pixels (reference-implementation.md), shared with predict.
@@ -22,6 +22,7 @@ class ScoreOptions:
     sigma: o.Sigma = DEFAULT_SIGMA
     heatmaps: o.Heatmaps = False
     heatmaps_dir: o.HeatmapsDir = None
+    normal: o.Normal = None
     batch_size: o.described(o.BatchSize, "Test images per batch.") = DEFAULT_BATCH
     seed: o.described(o.Seed, "Recorded for provenance; scoring is deterministic (eval mode).") = 0
     weights: o.Weights = None
@@ -47,6 +48,7 @@ class ScoreOptions:
             **recorded,
             "top_k": top_k,
             "heatmaps": str(target) if target is not None else None,
+            "normal": list(self.normal or []),
             "weights": weights_text(self.weights),
         }
 
@@ -63,6 +65,8 @@ class ScoreOptions:
             "seed": self.seed,
             "weights": weights_text(self.weights),
         }
+        # Extra normal images change the label-free thresholds (thresholds.json).
+        key["normal"] = list(self.normal or [])
         # Heatmaps only matter when asked for: a run without them reuses scores that have them.
         target = self.heatmaps_target(run_dir)
         if target is not None:
@@ -83,4 +87,4 @@ def _run(run_dir: Path, options: ScoreOptions) -> None:
     score_run(run_dir, options)
 
 
-SCORE = Stage("score", ScoreOptions, _run, (SCORES_FILE,))
+SCORE = Stage("score", ScoreOptions, _run, (SCORES_FILE, THRESHOLDS_FILE))

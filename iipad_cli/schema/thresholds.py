@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iipad_cli.artifacts import require_file, write_json_atomic
+from iipad_cli.artifacts import THRESHOLDS_FILE, require_file, write_json_atomic
 from iipad_cli.errors import IipadError
 from iipad_cli.thresholds import CategoryThreshold
 
-THRESHOLDS_FILE = "thresholds.json"
+__all__ = ["THRESHOLDS_FILE", "CalibrationImage", "Levels", "Thresholds", "load_thresholds", "write_thresholds"]
 SCHEMA = "iipad-thresholds/1"
 RULE = {
     "category": "class of the image's top-1 retrieved bank image (calibration shots: their own class)",
@@ -40,6 +40,16 @@ class CalibrationImage:
 
 
 @dataclass(frozen=True)
+class Levels:
+    """What decides for one image: its category, that category's normal mean, and the thresholds."""
+
+    category: str
+    normal_mean: float
+    image: float
+    pixel: float
+
+
+@dataclass(frozen=True)
 class Thresholds:
     method: str
     z: float
@@ -56,6 +66,27 @@ class Thresholds:
     def category_of(self, top1_index: int) -> str:
         """The category of an image whose best-retrieved bank row is `top1_index`."""
         return self.bank_classes[top1_index]
+
+    def levels(self, top1_index: int, image_override: float | None = None, pixel_override: float | None = None) -> Levels:
+        """The thresholds that decide for an image whose best-retrieved bank row is `top1_index`:
+        its category's, or the user's `--threshold` / `--pixel-threshold` where given."""
+        category = self.category_of(top1_index)
+        values = self.categories[category]
+        return Levels(
+            category=category,
+            normal_mean=values.image_mean,
+            image=values.image_threshold if image_override is None else image_override,
+            pixel=values.pixel_threshold if pixel_override is None else pixel_override,
+        )
+
+    def check_image_override(self, threshold: float, path: Path) -> None:
+        """A `--threshold` must lie above every category's normal mean (the normalised score's 0)."""
+        for name, values in self.categories.items():
+            if not threshold > values.image_mean:
+                raise IipadError(
+                    f"--threshold {threshold:g} is not above the normal mean {values.image_mean:.6g} of category "
+                    f"{name} ({path}); the normalised score needs a threshold above it"
+                )
 
     def to_json(self) -> dict[str, Any]:
         return {

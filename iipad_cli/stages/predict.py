@@ -5,8 +5,16 @@ by the run's frozen backbone (its weight hashes must equal the ones in features.
 fp16 that features.h5 stores, and scored against the run's banks by the same function `score`
 uses — so an image of the run's test split gets exactly its map and score from scores.h5.
 
-Writes into OUT, per image, `<name>.npy` (the float32 map at the run's resolution) and `<name>.png`
-(image | overlay with a colour bar), plus `predictions.csv` and `predict.json` (provenance).
+Each image is then decided with the run's label-free thresholds (RUN/thresholds.json, made by
+`score` from normal images only; `--threshold` / `--pixel-threshold` override them): its category
+is the class of its top-1 retrieved bank image, its label is `anomalous` when its image score is
+above the category's image threshold, its normalised score is 0 at the category's normal mean and
+1 at the threshold, and its mask is the map above the pixel threshold.
+
+Writes into OUT, per image, `<name>.npy` (the float32 map at the run's resolution, or at the
+image's own size with `--resolution native`), `masks/<name>.png` (the binary mask at the same
+size) and `<name>.png` (image | overlay with a colour bar), plus `predictions.csv` and
+`predict.json` (provenance and the thresholds used).
 A corrupt image is reported on stderr and skipped; the others are still scored. Images stream
 through (decode -> encode -> score -> files), batch by batch; no features are kept.
 
@@ -23,12 +31,13 @@ import glob
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from iipad_cli.artifacts import SCORES_FILE, atomic_path, provenance, write_json_atomic
 from iipad_cli.data.images import preprocess_image
@@ -37,17 +46,20 @@ from iipad_cli.distributed import Launch, launch_from_env, process_group, rank_d
 from iipad_cli.errors import IipadError
 from iipad_cli.pipeline.predict import PredictOptions
 from iipad_cli.pipeline.score import DEFAULT_SIGMA
-from iipad_cli.schema.features import FEATURE_FIELDS
 from iipad_cli.schema.scores import read_scores_attrs
+from iipad_cli.schema.thresholds import THRESHOLDS_FILE, Thresholds, load_thresholds
 from iipad_cli.stages._scoring import (
     RunModels,
     attach_banks,
     check_finite_features,
     check_top_k,
+    encode_for_scoring,
     load_run_models,
     score_features,
 )
+from iipad_cli.reporting.inputs import upsample
 from iipad_cli.stages.score import RANDOM_NOTE, resized_image
+from iipad_cli.thresholds import ANOMALOUS, NORMAL, binary_mask, image_label, normalised_score
 from iipad_cli.ui import err_console, log, progress
 from iipad_cli.viz import heatmap_figure, save_png
 
@@ -55,7 +67,22 @@ PREDICTIONS_CSV = "predictions.csv"
 PREDICT_JSON = "predict.json"
 # Each rank's rows go to predictions.csv.part-RRRRR-of-WWWWW until rank 0 merges them.
 PART_INFIX = ".part-"
-CSV_COLUMNS = ("path", "image_score", "prompt_max", "visual_max", "p_normal", "retrieval_sim", "retrieved")
+MASKS_DIR = "masks"
+CSV_COLUMNS = (
+    "path",
+    "label",
+    "image_score",
+    "normalised_score",
+    "category",
+    "image_threshold",
+    "pixel_threshold",
+    "anomalous_pixel_fraction",
+    "prompt_max",
+    "visual_max",
+    "p_normal",
+    "retrieval_sim",
+    "retrieved",
+)
 
 
 @dataclass(frozen=True)
@@ -121,6 +148,33 @@ def _scale(models: RunModels) -> tuple[float, float] | None:
     return float(attrs["map_min"]), float(attrs["map_max"])
 
 
+def write_mask_png(mask: np.ndarray, path: Path) -> None:
+    """A binary mask as an 8-bit greyscale PNG: 255 anomalous, 0 normal (atomic)."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
+
+
+def run_thresholds(models: RunModels, options: PredictOptions, top_k: int, sigma: float, resolution: int, quiet: bool) -> Thresholds:
+    """The run's label-free thresholds, checked against the generator and banks in use, with the
+    `--threshold` override validated; warns when predict's top-k, σ or resolution differ from
+    the ones the thresholds were derived with."""
+    path = models.run_dir / THRESHOLDS_FILE
+    thresholds = load_thresholds(path)
+    stale = [name for name, sha in (("generator", models.generator_sha), ("banks", models.banks_sha)) if thresholds.provenance.get(f"{name}_sha256") != sha]
+    if stale and not options.force:
+        raise IipadError(f"{path}: derived with another {stale[0]} file; run `iipad score` again (or --force)")
+    if options.threshold is not None:
+        thresholds.check_image_override(options.threshold, path)
+    calibrated = (int(thresholds.provenance.get("score_top_k", thresholds.top_k)), thresholds.sigma, thresholds.resolution)
+    if calibrated != (top_k, sigma, resolution):
+        log(
+            f"[yellow]warning:[/] {path} was derived with top-k {calibrated[0]}, σ {calibrated[1]:g}, "
+            f"resolution {calibrated[2]}; predicting with top-k {top_k}, σ {sigma:g}, resolution {resolution}",
+            quiet,
+        )
+    return thresholds
+
+
 @dataclass(frozen=True)
 class _ShardOutcome:
     """What one rank did: its part of predictions.csv (rows in input order, no header)."""
@@ -132,6 +186,7 @@ class _ShardOutcome:
     seconds: float
     device: str
     settings: dict[str, Any]
+    labels: dict[str, int]
 
 
 def _part_path(out_dir: Path, launch: Launch) -> Path:
@@ -162,7 +217,9 @@ def _predict_shard(
     spec = models.backbone.spec
     resolution = int(attrs["resolution"])
     scale = _scale(models)
+    thresholds = run_thresholds(models, options, top_k, sigma, resolution, quiet)
     note = RANDOM_NOTE if bool(attrs.get("random_weights", False)) else ""
+    labels_count = {ANOMALOUS: 0, NORMAL: 0}
     scored = 0
     skipped: list[str] = []
     part = _part_path(out_dir, launch)
@@ -173,40 +230,51 @@ def _predict_shard(
         task = bar.add_task(label, total=len(shard), rate="")
         for start in range(shard.start, shard.stop, options.batch_size):
             stop = min(start + options.batch_size, shard.stop)
-            batch_paths, batch_names, images = [], [], []
+            batch_paths, batch_names, batch_sizes, images = [], [], [], []
             for path, name in zip(paths[start:stop], names[start:stop]):
                 try:
-                    tensor, _ = preprocess_image(path, spec.image_size)
+                    tensor, size = preprocess_image(path, spec.image_size)
                 except IipadError as error:
                     err_console.print(f"[yellow]skipped:[/] {error}", highlight=False, soft_wrap=True)
                     skipped.append(str(path))
                     continue
                 batch_paths.append(path)
                 batch_names.append(name)
+                batch_sizes.append(size)
                 images.append(tensor)
             if images:
-                with torch.inference_mode():
-                    encoded = models.backbone.encode_images(torch.stack(images).to(device))
-                # Round to the fp16 features.h5 stores: the run's test images were scored from those.
-                features = {name: getattr(encoded, name).half().float() for name in FEATURE_FIELDS}
+                features = encode_for_scoring(models, images)
                 labels = [str(p) for p in batch_paths]
                 check_finite_features(features, labels, "predict")
                 result = score_features(models, features, labels, top_k=top_k, resolution=resolution, sigma=sigma)
-                for row, (path, name) in enumerate(zip(batch_paths, batch_names)):
+                for row, (path, name, (width, height)) in enumerate(zip(batch_paths, batch_names, batch_sizes)):
                     amap = result.maps[row].float().cpu().numpy()
+                    saved = amap if options.resolution == "224" else upsample(amap, (height, width))
                     with atomic_path(out_dir / f"{name}.npy") as npy, open(npy, "wb") as npy_handle:
-                        np.save(npy_handle, amap)
-                    vmin, vmax = scale if scale is not None else (float(amap.min()), float(amap.max()))
+                        np.save(npy_handle, saved)
                     score = float(result.image_score[row])
+                    levels = thresholds.levels(int(result.retrieved[row, 0]), options.threshold, options.pixel_threshold)
+                    label = image_label(score, levels.image)
+                    labels_count[label] += 1
+                    normalised = normalised_score(score, levels.normal_mean, levels.image)
+                    mask = binary_mask(saved, levels.pixel)
+                    write_mask_png(mask, out_dir / MASKS_DIR / f"{name}.png")
+                    vmin, vmax = scale if scale is not None else (float(amap.min()), float(amap.max()))
                     figure = heatmap_figure(
                         resized_image(path, resolution), amap, vmin, vmax, show_mask=False,
-                        title=f"{path.name}  image score {score:.4g}{note}",
+                        title=f"{path.name}  {label} (normalised score {normalised:.3g}, image score {score:.4g}){note}",
                     )
                     save_png(figure, out_dir / f"{name}.png")
                     writer.writerow(
                         {
                             "path": str(path),
+                            "label": label,
                             "image_score": repr(score),
+                            "normalised_score": repr(normalised),
+                            "category": levels.category,
+                            "image_threshold": repr(levels.image),
+                            "pixel_threshold": repr(levels.pixel),
+                            "anomalous_pixel_fraction": repr(float(mask.mean())),
                             "prompt_max": repr(float(result.prompt_max[row])),
                             "visual_max": repr(float(result.visual_max[row])),
                             "p_normal": repr(float(result.p_normal[row])),
@@ -224,7 +292,15 @@ def _predict_shard(
         "image_score_formula": models.preset.image_score,
         "top_k": top_k,
         "sigma": sigma,
-        "resolution": resolution,
+        "resolution": resolution if options.resolution == "224" else "native",
+        "thresholds": {
+            "file": str(models.run_dir.resolve() / THRESHOLDS_FILE),
+            "method": thresholds.method,
+            "rule": thresholds.to_json()["rule"],
+            "categories": {name: asdict(values) for name, values in thresholds.categories.items()},
+            "image_override": options.threshold,
+            "pixel_override": options.pixel_threshold,
+        },
         "generator_sha256": models.generator_sha,
         "banks_sha256": models.banks_sha,
         "overlay_scale": list(scale) if scale is not None else "per image",
@@ -238,6 +314,7 @@ def _predict_shard(
         seconds=time.perf_counter() - started,
         device=str(device),
         settings=settings,
+        labels=labels_count,
     )
 
 
@@ -270,6 +347,7 @@ def _finish(
             "run_dir": str(Path(run_dir).resolve()),
             **{key: value for key, value in settings.items() if key != "note"},
             "scored": scored,
+            "labels": {label: sum(o.labels[label] for o in outcomes) for label in (ANOMALOUS, NORMAL)},
             "skipped": skipped,
             "seconds": round(time.perf_counter() - started, 3),
             "images_per_s": round(rate, 3),
@@ -299,7 +377,7 @@ def predict(run_dir: Path, inputs: Sequence[str], out_dir: Path, options: Predic
         paths = group.from_main(lambda: expand_inputs(inputs))
         names = output_names(paths)
         shard = shard_range(len(paths), options.batch_size, launch.rank, launch.world_size)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / MASKS_DIR).mkdir(parents=True, exist_ok=True)
         outcome = group.collectively(
             lambda: _predict_shard(run_dir, paths, names, shard, out_dir, options, device, launch)
         )

@@ -5,6 +5,10 @@ The generator + text encoder give each test image its own prompts (one image at 
 position in the batch); retrieval picks the top-k bank images by Q-Former similarity, and eqs.
 15–18 give the maps (batched, upsampled and smoothed on the device) and the preset's image score. Every component of the
 image score is stored so the other formula can be evaluated without rescoring.
+
+Before the test images, `score` derives the run's label-free thresholds from normal images only
+(the shots, leave-one-out or augmented views, plus `--normal` images; `stages/calibrate.py`) with
+the same top-k, σ and resolution, and writes them to RUN/thresholds.json beside scores.h5.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from iipad_cli.errors import IipadError
 from iipad_cli.pipeline.score import ScoreOptions
 from iipad_cli.schema.features import read_split
 from iipad_cli.schema.scores import load_scores, write_scores
+from iipad_cli.schema.thresholds import THRESHOLDS_FILE, write_thresholds
 from iipad_cli.stages._scoring import (
     attach_banks,
     check_finite_features,
@@ -42,6 +47,7 @@ from iipad_cli.stages._scoring import (
     load_run_models,
     score_features,
 )
+from iipad_cli.stages.calibrate import derive_thresholds
 from iipad_cli.ui import err_console, log, progress
 from iipad_cli.viz import heatmap_figure, save_png
 
@@ -67,6 +73,17 @@ def score_run(run_dir: Path, options: ScoreOptions) -> Path:
     check_top_k(top_k, len(models.banks))
     resolution = int(attrs["resolution"])
     features_path = run_dir / FEATURES_FILE
+    normal_paths = _normal_images(tuple(options.normal or ()))
+    thresholds = derive_thresholds(
+        models,
+        features_path,
+        normal_paths=normal_paths,
+        top_k=top_k,
+        resolution=resolution,
+        sigma=options.sigma,
+        batch_size=options.batch_size,
+        quiet=options.quiet,
+    )
     meta = read_split(features_path, "test", ("path", "cls", "defect", "label", "has_mask"))
     paths = [str(p) for p in meta["path"]]
     random_weights = bool(attrs.get("random_weights", False))
@@ -119,6 +136,7 @@ def score_run(run_dir: Path, options: ScoreOptions) -> Path:
     rate = len(paths) / score_seconds if score_seconds > 0 else 0.0
     note = RANDOM_NOTE if random_weights else ""
     log(f"scored {len(paths)} test images in {score_seconds:.1f} s ({rate:.2f} images/s){note} -> {out}", options.quiet)
+    write_thresholds(run_dir / THRESHOLDS_FILE, thresholds)
     written = 0
     heatmaps = options.heatmaps_target(run_dir)
     if heatmaps is not None:
@@ -128,11 +146,20 @@ def score_run(run_dir: Path, options: ScoreOptions) -> Path:
         "score",
         options=options.recorded(run_dir, top_k),
         inputs={FEATURES_FILE: models.features_sha, GENERATOR_FILE: models.generator_sha, BANKS_FILE: models.banks_sha},
-        outputs={SCORES_FILE: sha256_file(out)},
+        outputs={SCORES_FILE: sha256_file(out), THRESHOLDS_FILE: sha256_file(run_dir / THRESHOLDS_FILE)},
         seconds=time.perf_counter() - started,
-        extra={"images": len(paths), "images_per_s": round(rate, 3), "heatmaps": written},
+        extra={"images": len(paths), "images_per_s": round(rate, 3), "heatmaps": written, "normal_images": len(normal_paths)},
     )
     return out
+
+
+def _normal_images(inputs: tuple[str, ...]) -> list[Path]:
+    """`--normal` files, directories and globs, expanded as `predict` expands its inputs."""
+    if not inputs:
+        return []
+    from iipad_cli.stages.predict import expand_inputs
+
+    return expand_inputs(inputs)
 
 
 def heatmap_name(rel_path: str) -> Path:

@@ -1,0 +1,162 @@
+"""Decisions with the label-free thresholds (tiny backbone, random weights, real fixtures): `score`
+writes RUN/thresholds.json, `predict` writes labels, normalised scores, the thresholds used and a
+binary mask per image, at the run's resolution or the image's own (`--resolution native`)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from typer.testing import CliRunner
+
+from iipad_cli.artifacts import MANIFEST_FILE, sha256_file
+from iipad_cli.cli import app
+from iipad_cli.schema.banks import load_banks
+from iipad_cli.schema.thresholds import THRESHOLDS_FILE, load_thresholds
+from iipad_cli.thresholds import category_thresholds
+
+runner = CliRunner()
+TIRE = "tire/test/cut/001.png"  # 600 x 800, not square
+BOTTLE = "bottle/test/good/003.png"
+
+
+def _invoke(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """bottle + tire, 2 shots each (leave-one-out thresholds), one training epoch."""
+    run_dir = tmp_path_factory.mktemp("decide") / "run"
+    steps = [
+        ("extract", str(shared_data / "mvtec"), "--shots", "2", "--backbone", "tiny", "--classes", "bottle,tire",
+         "--workers", "0", "-o", str(run_dir)),
+        ("train", str(run_dir), "--epochs", "1"),
+        ("bank", str(run_dir)),
+        ("score", str(run_dir)),
+    ]
+    for step in steps:
+        code, _, err = _invoke(*step, "--quiet", "--device", "cpu")
+        assert code == 0, f"{step[0]} failed: {err}"
+    return run_dir
+
+
+def _predict(run: Path, inputs: list[str], out: Path, *extra: str) -> list[dict[str, str]]:
+    code, stdout, stderr = _invoke("predict", str(run), *inputs, "-o", str(out), "--quiet", "--device", "cpu", *extra)
+    assert code == 0, stderr
+    assert stdout.strip() == str(out / "predictions.csv")
+    with (out / "predictions.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_score_writes_thresholds_and_records_them(run: Path) -> None:
+    thresholds = load_thresholds(run / THRESHOLDS_FILE)
+    assert thresholds.method == "leave-one-out" and len(thresholds.images) == 4
+    images = thresholds.images
+    assert thresholds.categories == category_thresholds(
+        [i.image_score for i in images], [i.map_max for i in images], [i.category for i in images]
+    )
+    manifest = json.loads((run / MANIFEST_FILE).read_text())
+    assert manifest["stages"]["score"]["outputs"][THRESHOLDS_FILE] == sha256_file(run / THRESHOLDS_FILE)
+    document = json.loads((run / THRESHOLDS_FILE).read_text())
+    assert document["rule"]["z"] == 3.0 and "pooled" in document["rule"]["image"]
+
+
+def test_predict_labels_normalised_scores_and_masks_follow_the_thresholds(run: Path, shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    rows = _predict(run, [str(shared_data / "mvtec" / TIRE), str(shared_data / "mvtec" / BOTTLE)], out)
+    document = json.loads((run / THRESHOLDS_FILE).read_text())
+    banks = load_banks(run / "banks.safetensors")
+    class_of = dict(zip(banks.paths, banks.classes))
+    assert [r["path"] for r in rows] == [str(shared_data / "mvtec" / TIRE), str(shared_data / "mvtec" / BOTTLE)]
+    for row in rows:
+        category = class_of[row["retrieved"].split(";")[0]]
+        values = document["categories"][category]
+        score = float(row["image_score"])
+        assert row["category"] == category
+        assert float(row["image_threshold"]) == values["image_threshold"]
+        assert float(row["pixel_threshold"]) == values["pixel_threshold"]
+        assert row["label"] == ("anomalous" if score > values["image_threshold"] else "normal")
+        expected = (score - values["image_mean"]) / (values["image_threshold"] - values["image_mean"])
+        assert float(row["normalised_score"]) == pytest.approx(expected, rel=1e-12)
+        name = Path(row["path"]).stem
+        score_map = np.load(out / f"{name}.npy")
+        assert score_map.shape == (224, 224)
+        mask = np.asarray(Image.open(out / "masks" / f"{name}.png"))
+        assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+        assert np.array_equal(mask == 255, score_map > values["pixel_threshold"])
+        assert float(row["anomalous_pixel_fraction"]) == pytest.approx(float((score_map > values["pixel_threshold"]).mean()))
+    recorded = json.loads((out / "predict.json").read_text())["thresholds"]
+    assert recorded["categories"] == document["categories"] and recorded["image_override"] is None
+
+
+def test_threshold_options_override_both_thresholds(run: Path, shared_data: Path, tmp_path: Path) -> None:
+    document = json.loads((run / THRESHOLDS_FILE).read_text())
+    above_every_mean = max(v["image_mean"] for v in document["categories"].values()) + 0.01
+    out = tmp_path / "out"
+    rows = _predict(
+        run, [str(shared_data / "mvtec" / TIRE)], out, "--threshold", repr(above_every_mean), "--pixel-threshold", "0.5"
+    )
+    row = rows[0]
+    mean = document["categories"][row["category"]]["image_mean"]
+    score = float(row["image_score"])
+    assert float(row["image_threshold"]) == above_every_mean and float(row["pixel_threshold"]) == 0.5
+    assert row["label"] == ("anomalous" if score > above_every_mean else "normal")
+    assert float(row["normalised_score"]) == pytest.approx((score - mean) / (above_every_mean - mean))
+    mask = np.asarray(Image.open(out / "masks" / f"{Path(TIRE).stem}.png")) == 255
+    assert np.array_equal(mask, np.load(out / f"{Path(TIRE).stem}.npy") > 0.5)
+
+
+def test_a_threshold_below_a_normal_mean_is_refused(run: Path, shared_data: Path, tmp_path: Path) -> None:
+    document = json.loads((run / THRESHOLDS_FILE).read_text())
+    below = min(v["image_mean"] for v in document["categories"].values()) - 1.0
+    code, _, stderr = _invoke("predict", str(run), str(shared_data / "mvtec" / TIRE), "-o", str(tmp_path / "o"), "--threshold", repr(below))
+    assert code == 1 and "not above the normal mean" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_native_resolution_maps_and_masks_have_the_image_size(run: Path, shared_data: Path, tmp_path: Path) -> None:
+    at_224 = tmp_path / "r224"
+    native = tmp_path / "native"
+    _predict(run, [str(shared_data / "mvtec" / TIRE)], at_224)
+    rows = _predict(run, [str(shared_data / "mvtec" / TIRE)], native, "--resolution", "native")
+    name = Path(TIRE).stem
+    width, height = Image.open(shared_data / "mvtec" / TIRE).size
+    big = np.load(native / f"{name}.npy")
+    assert big.shape == (height, width) == (800, 600)
+    # Independent upsampling: torch's bilinear with pixel-centre alignment (align_corners=False).
+    small = torch.from_numpy(np.load(at_224 / f"{name}.npy"))[None, None]
+    expected = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
+    assert np.allclose(big, expected, atol=1e-5)
+    mask = np.asarray(Image.open(native / "masks" / f"{name}.png")) == 255
+    assert mask.shape == (800, 600) and np.array_equal(mask, big > float(rows[0]["pixel_threshold"]))
+    assert json.loads((native / "predict.json").read_text())["resolution"] == "native"
+
+
+def test_predict_needs_the_thresholds_file(run: Path, shared_data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns(THRESHOLDS_FILE))
+    code, _, stderr = _invoke("predict", str(copy), str(shared_data / "mvtec" / TIRE), "-o", str(tmp_path / "o"))
+    assert code == 1 and THRESHOLDS_FILE in stderr and "iipad score" in stderr
+
+
+def test_score_adds_normal_images_to_the_calibration(run: Path, shared_data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    extra = shared_data / "mvtec" / "bottle" / "test" / "good"
+    code, _, stderr = _invoke("score", str(copy), "--normal", str(extra), "--quiet", "--device", "cpu")
+    assert code == 0, stderr
+    thresholds = load_thresholds(copy / THRESHOLDS_FILE)
+    added = [i.path for i in thresholds.images if i.source == "--normal"]
+    assert added == [str(p) for p in sorted(extra.iterdir())]
+    assert len(thresholds.images) == 4 + len(added)
