@@ -160,3 +160,55 @@ def test_score_adds_normal_images_to_the_calibration(run: Path, shared_data: Pat
     added = [i.path for i in thresholds.images if i.source == "--normal"]
     assert added == [str(p) for p in sorted(extra.iterdir())]
     assert len(thresholds.images) == 4 + len(added)
+
+
+def _written_out_prf(truth: list[bool], predicted: list[bool]) -> tuple[float | None, float | None, float | None]:
+    tp = sum(t and p for t, p in zip(truth, predicted))
+    fp = sum(p and not t for t, p in zip(truth, predicted))
+    fn = sum(t and not p for t, p in zip(truth, predicted))
+    precision = tp / (tp + fp) if tp + fp else None
+    recall = tp / (tp + fn) if tp + fn else None
+    f1 = 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else None
+    return precision, recall, f1
+
+
+def _close(actual: float | None, expected: float | None) -> bool:
+    return actual is None if expected is None else actual == pytest.approx(expected, rel=1e-12)
+
+
+def test_metrics_report_precision_recall_f1_at_the_label_free_thresholds(run: Path) -> None:
+    import h5py
+
+    code, stdout, stderr = _invoke("metrics", str(run), "--json", "--quiet")
+    assert code == 0, stderr
+    section = json.loads(stdout)["at_threshold"]
+    thresholds = json.loads((run / THRESHOLDS_FILE).read_text())
+    with h5py.File(run / "scores.h5", "r") as handle:
+        names = [str(c) for c in handle["cls"].asstr()[()]]
+        labels = handle["label"][()].tolist()
+        scores = handle["image_score"][()].tolist()
+        top1 = handle["retrieved"][:, 0].tolist()
+        has_mask = handle["has_mask"][()].tolist()
+        maps = handle["maps"][()]
+    with h5py.File(run / "features.h5", "r") as handle:
+        masks = handle["test"]["mask"][()]
+    for name in ("bottle", "tire"):
+        rows = [i for i, c in enumerate(names) if c == name]
+        levels = [thresholds["categories"][thresholds["bank_classes"][top1[i]]] for i in rows]
+        expected = _written_out_prf([labels[i] == 1 for i in rows], [scores[i] > lv["image_threshold"] for i, lv in zip(rows, levels)])
+        cells = section["classes"][name]
+        assert all(_close(cells[k], e) for k, e in zip(("image_precision", "image_recall", "image_f1"), expected))
+        truth: list[bool] = []
+        predicted: list[bool] = []
+        for i, level in zip(rows, levels):
+            if has_mask[i]:
+                truth += masks[i].ravel().tolist()
+                predicted += (maps[i].ravel() > level["pixel_threshold"]).tolist()
+        expected = _written_out_prf(truth, predicted)
+        assert all(_close(cells[k], e) for k, e in zip(("pixel_precision", "pixel_recall", "pixel_f1"), expected))
+    code, stdout, _ = _invoke("metrics", str(run), "--csv", "--quiet")
+    header = stdout.splitlines()[0].split(",")
+    assert "image_f1_at_threshold" in header and "pixel_precision_at_threshold" in header
+    code, stdout, _ = _invoke("metrics", str(run), str(run), "--json", "--quiet")
+    combined = json.loads(stdout)["at_threshold"]
+    assert combined["mean"]["image_f1"]["per_run"] == [section["mean"]["image_f1"]["value"]] * 2

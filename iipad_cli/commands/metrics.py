@@ -67,7 +67,12 @@ def metrics_command(
     else:
         from rich.console import Console
 
-        Console(file=sys.stdout).print(to_table(document))
+        console = Console(file=sys.stdout)
+        console.print(to_table(document))
+        if document.get("at_threshold"):
+            from iipad_cli.reporting.decisions import to_table as threshold_table
+
+            console.print(threshold_table(document["at_threshold"]))
 
 
 def register(app: typer.Typer) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from iipad_cli.reporting.decisions import combine_threshold_sections
 from iipad_cli import metrics
 from iipad_cli.errors import IipadError
 from iipad_cli.pipeline.metrics import EvaluateOptions
@@ -142,6 +143,7 @@ def combine_runs(documents: list[dict[str, Any]]) -> dict[str, Any]:
         "mean": mean,
         "warnings": [f"{d['source'].get('run')}: {w}" for d in documents for w in d["warnings"]],
         "per_run": documents,
+        "at_threshold": combine_threshold_sections([d.get("at_threshold") for d in documents]),
     }
     combined["title"] = title(combined)
     return combined

@@ -9,6 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from iipad_cli.reporting.columns import CAPTION, LABELS
+from iipad_cli.reporting.decisions import csv_columns
 
 
 def to_csv(document: dict[str, Any]) -> str:
@@ -17,17 +18,23 @@ def to_csv(document: dict[str, Any]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     multi = "runs" in document
+    # Decisions at the label-free thresholds (reporting/decisions.py) follow as extra columns.
+    section = document.get("at_threshold")
+    extra_header, extra = csv_columns(section) if section else ([], {})
+    blank = [""] * len(extra_header)
     if multi:
-        writer.writerow(["class", *[f"{k}_{s}" for k in keys for s in ("mean", "std")], "runs"])
+        writer.writerow(["class", *[f"{k}_{s}" for k in keys for s in ("mean", "std")], "runs", *extra_header])
         for name, cells in [*document["classes"].items(), ("mean", document["mean"])]:
-            writer.writerow([name, *[_csv(cells[k][s]) for k in keys for s in ("mean", "std")], len(document["runs"])])
+            writer.writerow(
+                [name, *[_csv(cells[k][s]) for k in keys for s in ("mean", "std")], len(document["runs"]), *extra.get(name, blank)]
+            )
     else:
-        writer.writerow(["class", *keys, "images", "anomalous"])
+        writer.writerow(["class", *keys, "images", "anomalous", *extra_header])
         for name, cells in document["classes"].items():
-            writer.writerow([name, *[_csv(cells[k]) for k in keys], cells["images"], cells["anomalous"]])
+            writer.writerow([name, *[_csv(cells[k]) for k in keys], cells["images"], cells["anomalous"], *extra.get(name, blank)])
         mean = document["mean"]
-        writer.writerow(["mean", *[_csv(mean[k]["value"]) for k in keys], "", ""])
-        writer.writerow(["mean_classes_covered", *[mean[k]["classes"] for k in keys], "", ""])
+        writer.writerow(["mean", *[_csv(mean[k]["value"]) for k in keys], "", "", *extra.get("mean", blank)])
+        writer.writerow(["mean_classes_covered", *[mean[k]["classes"] for k in keys], "", "", *blank])
     return buffer.getvalue()
 
 

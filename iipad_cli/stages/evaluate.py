@@ -7,6 +7,7 @@ module writes the files and records the stage in the manifest.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,21 @@ from iipad_cli.artifacts import (
     write_text_atomic,
 )
 from iipad_cli.pipeline.metrics import EvaluateOptions
+from iipad_cli.reporting.decisions import threshold_section
 from iipad_cli.reporting.document import build_document, title
 from iipad_cli.reporting.inputs import load_run, run_info
 from iipad_cli.reporting.render import to_csv
 from iipad_cli.ui import log
+
+
+def _warner(document: dict[str, Any], quiet: bool) -> Callable[[str], None]:
+    """A warning goes into the document's warnings and to stderr, as the metrics' own do."""
+
+    def warn(message: str) -> None:
+        document["warnings"].append(message)
+        log(f"[yellow]warning:[/] {message}", quiet)
+
+    return warn
 
 
 def evaluate_run(run_dir: Path, options: EvaluateOptions) -> dict[str, Any]:
@@ -35,6 +47,9 @@ def evaluate_run(run_dir: Path, options: EvaluateOptions) -> dict[str, Any]:
     classes, attrs, resolution, features_sha256 = load_run(run_dir, options)
     source = {"kind": "run", "run": str(run_dir.resolve())}
     document = build_document(classes, options, source, run_info(attrs), resolution)
+    document["at_threshold"] = threshold_section(
+        run_dir, run_dir / SCORES_FILE, classes, options.image_score, _warner(document, options.quiet)
+    )
     document["title"] = title(document)
     write_json_atomic(run_dir / METRICS_JSON, document)
     write_text_atomic(run_dir / METRICS_CSV, to_csv(document))
