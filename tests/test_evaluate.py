@@ -139,7 +139,7 @@ def test_json_matches_independent_computation_and_schema(tmp_path: Path, data_ro
     code, out, err = invoke(str(tmp_path / "run"), "--json", "--quiet")
     assert code == 0, err
     doc = json.loads(out)
-    assert set(doc) == {"schema", "source", "info", "evaluation", "metrics", "labels", "classes", "mean", "warnings", "title"}
+    assert set(doc) == {"schema", "source", "info", "evaluation", "metrics", "labels", "classes", "mean", "warnings", "title", "at_threshold"}
     assert doc["schema"] == "iipad-metrics/1"
     assert doc["metrics"] == ["image_auroc", "image_aupr_sklearn_stepwise_ap", "pixel_auroc", "au_pro"]
     assert "step-wise" in doc["labels"]["image_aupr_sklearn_stepwise_ap"]
