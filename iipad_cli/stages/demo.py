@@ -39,8 +39,18 @@ def run_demo(
     The run directory is `OUT/run-<backbone>`, so a random-weights demo and a real-weights one sit
     side by side. The data set is rebuilt every time (about a second, byte-identical for a seed),
     so cached stages stay current across demo invocations.
+
+    The tiny demo runs on the CPU (`auto` means cpu for it: at this size a GPU adds nothing) with
+    machine-independent kernels on one thread, so it prints the README's numbers on every x86-64
+    machine (`iipad_cli/determinism.py`; docs/performance.md "Demo numbers").
     """
     from iipad_cli.demo_data import build_demo_dataset
+    from iipad_cli.determinism import pin_cpu_kernels
+
+    if backbone == "tiny" and device == "auto":
+        device = "cpu"
+    if device == "cpu" and not pin_cpu_kernels():
+        log("[yellow]warning:[/] CPU kernels could not be pinned in this process; the numbers may differ from the README's", quiet)
 
     out_dir = Path(out_dir)
     data_dir = out_dir / DEMO_DATA_DIR
