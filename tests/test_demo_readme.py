@@ -29,11 +29,12 @@ def readme_table() -> tuple[list[str], dict[str, list[str]]]:
 
 
 def printed_table(stderr: str) -> tuple[list[str], dict[str, list[str]]]:
-    """The Rich table the demo prints on stderr (one line per row at a wide terminal)."""
-    lines = [line for line in stderr.splitlines() if line.count("│") >= 5]
-    split = [[cell.strip() for cell in line.strip().strip("│").split("│")] for line in lines]
-    header = split[0]
-    rows = {cells[0]: cells[1:] for cells in split[1:]}
+    """The Rich table the demo prints on stderr (one line per row at a wide terminal): the header
+    row is drawn with ┃, the body rows with │."""
+    header_line = next(line for line in stderr.splitlines() if line.count("┃") >= 5)
+    header = [cell.strip() for cell in header_line.strip().strip("┃").split("┃")]
+    body = [line for line in stderr.splitlines() if line.count("│") >= 5]
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip().strip("│").split("│")] for line in body)}
     return header, rows
 
 
