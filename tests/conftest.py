@@ -44,3 +44,25 @@ def tiny_backbone():
     from iipad_cli.models.registry import build_random_backbone, get_spec
 
     return build_random_backbone(get_spec("tiny"))
+
+
+@pytest.fixture(scope="session")
+def scored_run_2shot(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """bottle + tire, 2 shots each (leave-one-out thresholds), one training epoch, banked and scored
+    with the `tiny` backbone (random weights); shared by the threshold tests, which only read it."""
+    from typer.testing import CliRunner
+
+    from iipad_cli.cli import app
+
+    run_dir = tmp_path_factory.mktemp("scored2") / "run"
+    steps = [
+        ("extract", str(shared_data / "mvtec"), "--shots", "2", "--backbone", "tiny", "--classes", "bottle,tire",
+         "--workers", "0", "-o", str(run_dir)),
+        ("train", str(run_dir), "--epochs", "1"),
+        ("bank", str(run_dir)),
+        ("score", str(run_dir)),
+    ]
+    for step in steps:
+        result = CliRunner().invoke(app, [*step, "--quiet", "--device", "cpu"])
+        assert result.exit_code == 0, f"{step[0]} failed: {result.stderr}"
+    return run_dir

@@ -41,8 +41,8 @@ def _build_run(root: Path, data: Path, shots: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run2(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    return _build_run(tmp_path_factory.mktemp("calibrate"), shared_data, 2)
+def run2(scored_run_2shot: Path) -> Path:
+    return scored_run_2shot
 
 
 @pytest.fixture(scope="module")
