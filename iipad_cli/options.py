@@ -121,6 +121,7 @@ Normal = Annotated[
     Optional[list[str]],
     typer.Option(
         help="Extra normal images (files, directories or quoted globs; repeatable) for the label-free thresholds.",
+        metavar="PATH",
         show_default=False,
     ),
 ]

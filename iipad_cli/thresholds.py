@@ -144,7 +144,9 @@ def decision_counts(truth: np.ndarray, values: np.ndarray, thresholds: np.ndarra
     )
 
 
-def pixel_decision_counts(maps: Iterable[np.ndarray], masks: Iterable[np.ndarray], thresholds: Iterable[float]) -> DecisionCounts:
+def pixel_decision_counts(
+    maps: Iterable[np.ndarray], masks: Iterable[np.ndarray], thresholds: Iterable[float]
+) -> DecisionCounts:
     """Pixel counts summed image by image (one map in memory at a time), each at its own threshold."""
     total = DecisionCounts()
     for score_map, mask, threshold in zip(maps, masks, thresholds, strict=True):

@@ -29,8 +29,20 @@ CPU = torch.device("cpu")
 def _build_run(root: Path, data: Path, shots: int) -> Path:
     run_dir = root / f"run{shots}"
     steps = [
-        ("extract", str(data / "mvtec"), "--shots", str(shots), "--backbone", "tiny", "--classes", "bottle,tire",
-         "--workers", "0", "-o", str(run_dir)),
+        (
+            "extract",
+            str(data / "mvtec"),
+            "--shots",
+            str(shots),
+            "--backbone",
+            "tiny",
+            "--classes",
+            "bottle,tire",
+            "--workers",
+            "0",
+            "-o",
+            str(run_dir),
+        ),
         ("train", str(run_dir), "--epochs", "1"),
         ("bank", str(run_dir)),
     ]
@@ -56,7 +68,14 @@ def _models(run_dir: Path, force: bool = False):  # type: ignore[no-untyped-def]
 
 def _derive(run_dir: Path, normal: list[Path] | None = None, force: bool = False):  # type: ignore[no-untyped-def]
     return calibrate.derive_thresholds(
-        _models(run_dir, force), run_dir / FEATURES_FILE, normal_paths=normal or [], top_k=2, resolution=224, sigma=4.0, batch_size=4, quiet=True
+        _models(run_dir, force),
+        run_dir / FEATURES_FILE,
+        normal_paths=normal or [],
+        top_k=2,
+        resolution=224,
+        sigma=4.0,
+        batch_size=4,
+        quiet=True,
     )
 
 
@@ -78,9 +97,19 @@ def test_leave_one_out_scores_each_shot_against_the_other_shots(run2: Path) -> N
         with torch.inference_mode():
             prompts = instance_prompts(models.generator, models.backbone.text_encoder, features["qformer"], cls_token)
             expected = anomaly_scores(
-                query=features["qformer"], cls_token=cls_token, vv=features["vv"], mem=features["mem"], test_prompts=prompts,
-                bank_query=drop(banks.query), bank_prompts=drop(banks.prompt), bank_mem=drop(banks.mem, 1), top_k=1,
-                temperature=models.preset.temperature, formula=models.preset.image_score, resolution=224, sigma=4.0,
+                query=features["qformer"],
+                cls_token=cls_token,
+                vv=features["vv"],
+                mem=features["mem"],
+                test_prompts=prompts,
+                bank_query=drop(banks.query),
+                bank_prompts=drop(banks.prompt),
+                bank_mem=drop(banks.mem, 1),
+                top_k=1,
+                temperature=models.preset.temperature,
+                formula=models.preset.image_score,
+                resolution=224,
+                sigma=4.0,
             )
         assert image.image_score == pytest.approx(float(expected.image_score[0]), abs=1e-6)
         assert image.map_max == pytest.approx(float(expected.maps[0].max()), abs=1e-6)
@@ -117,7 +146,11 @@ def test_one_shot_uses_six_augmented_views_of_each_shot(run1: Path) -> None:
     thresholds = _derive(run1)
     assert thresholds.method == "augmented views" and thresholds.top_k == 2
     train = read_split(run1 / FEATURES_FILE, "train", ("path", "cls"))
-    expected = [(str(p), str(c), f"view {name}") for p, c in zip(train["path"], train["cls"]) for name in (*calibrate.CORNERS, *calibrate.BRIGHTNESS)]
+    expected = [
+        (str(p), str(c), f"view {name}")
+        for p, c in zip(train["path"], train["cls"])
+        for name in (*calibrate.CORNERS, *calibrate.BRIGHTNESS)
+    ]
     assert [(i.path, i.category, i.source) for i in thresholds.images] == expected
     assert len({i.image_score for i in thresholds.images}) == len(expected)  # six different images per shot
 
@@ -143,11 +176,17 @@ def test_corner_crops_and_brightness_views_written_out() -> None:
 def test_extra_normal_images_take_the_category_of_their_top1_bank_image(run2: Path, shared_data: Path) -> None:
     train = read_split(run2 / FEATURES_FILE, "train", ("path",))
     used = {str(p) for p in train["path"]}
-    extra = [p for p in sorted((shared_data / "mvtec" / "tire" / "train" / "good").iterdir()) if f"tire/train/good/{p.name}" not in used][:2]
+    extra = [
+        p
+        for p in sorted((shared_data / "mvtec" / "tire" / "train" / "good").iterdir())
+        if f"tire/train/good/{p.name}" not in used
+    ][:2]
     thresholds = _derive(run2, normal=extra)
     added = [image for image in thresholds.images if image.source == "--normal"]
     assert [image.path for image in added] == [str(p) for p in extra]
     models = _models(run2)
-    features = calibrate.encode_for_scoring(models, [calibrate.normalise(calibrate.load_rgb(p), models.backbone.spec.image_size) for p in extra])
+    features = calibrate.encode_for_scoring(
+        models, [calibrate.normalise(calibrate.load_rgb(p), models.backbone.spec.image_size) for p in extra]
+    )
     top1 = retrieval_similarity(features["qformer"], models.banks.query).argmax(dim=1)
     assert [image.category for image in added] == [models.banks.classes[int(i)] for i in top1]

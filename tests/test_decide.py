@@ -57,7 +57,9 @@ def test_score_writes_thresholds_and_records_them(run: Path) -> None:
     assert document["rule"]["z"] == 3.0 and "pooled" in document["rule"]["image"]
 
 
-def test_predict_labels_normalised_scores_and_masks_follow_the_thresholds(run: Path, shared_data: Path, tmp_path: Path) -> None:
+def test_predict_labels_normalised_scores_and_masks_follow_the_thresholds(
+    run: Path, shared_data: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     rows = _predict(run, [str(shared_data / "mvtec" / TIRE), str(shared_data / "mvtec" / BOTTLE)], out)
     document = json.loads((run / THRESHOLDS_FILE).read_text())
@@ -105,7 +107,9 @@ def test_threshold_options_override_both_thresholds(run: Path, shared_data: Path
 def test_a_threshold_below_a_normal_mean_is_refused(run: Path, shared_data: Path, tmp_path: Path) -> None:
     document = json.loads((run / THRESHOLDS_FILE).read_text())
     below = min(v["image_mean"] for v in document["categories"].values()) - 1.0
-    code, _, stderr = _invoke("predict", str(run), str(shared_data / "mvtec" / TIRE), "-o", str(tmp_path / "o"), "--threshold", repr(below))
+    code, _, stderr = _invoke(
+        "predict", str(run), str(shared_data / "mvtec" / TIRE), "-o", str(tmp_path / "o"), "--threshold", repr(below)
+    )
     assert code == 1 and "not above the normal mean" in stderr and len(stderr.strip().splitlines()) == 1
 
 
@@ -183,7 +187,9 @@ def test_metrics_report_precision_recall_f1_at_the_label_free_thresholds(run: Pa
     for name in ("bottle", "tire"):
         rows = [i for i, c in enumerate(names) if c == name]
         levels = [thresholds["categories"][thresholds["bank_classes"][top1[i]]] for i in rows]
-        expected = _written_out_prf([labels[i] == 1 for i in rows], [scores[i] > lv["image_threshold"] for i, lv in zip(rows, levels)])
+        expected = _written_out_prf(
+            [labels[i] == 1 for i in rows], [scores[i] > lv["image_threshold"] for i, lv in zip(rows, levels)]
+        )
         cells = section["classes"][name]
         assert all(_close(cells[k], e) for k, e in zip(("image_precision", "image_recall", "image_f1"), expected))
         truth: list[bool] = []
@@ -200,3 +206,8 @@ def test_metrics_report_precision_recall_f1_at_the_label_free_thresholds(run: Pa
     code, stdout, _ = _invoke("metrics", str(run), str(run), "--json", "--quiet")
     combined = json.loads(stdout)["at_threshold"]
     assert combined["mean"]["image_f1"]["per_run"] == [section["mean"]["image_f1"]["value"]] * 2
+
+
+def test_iipad_run_offers_the_normal_images_option() -> None:
+    code, stdout, _ = _invoke("run", "--help")
+    assert code == 0 and "--normal" in stdout

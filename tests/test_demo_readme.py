@@ -45,12 +45,19 @@ def test_readme_demo_table_parses() -> None:
     assert all(len(cells) == 4 for cells in rows.values())
 
 
-@pytest.mark.skipif(sys.platform != "linux" or os.uname().machine not in ("x86_64", "AMD64"), reason="the README quotes the x86-64 CPU numbers")
+@pytest.mark.skipif(
+    sys.platform != "linux" or os.uname().machine not in ("x86_64", "AMD64"),
+    reason="the README quotes the x86-64 CPU numbers",
+)
 def test_readme_quotes_what_the_demo_prints(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "250"}
     result = subprocess.run(
         [sys.executable, "-m", "iipad_cli.cli", "demo", "-o", str(tmp_path / "demo")],
-        capture_output=True, text=True, env=env, timeout=1200, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     readme_header, readme_rows = readme_table()

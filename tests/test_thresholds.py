@@ -35,7 +35,9 @@ def test_pooled_std_and_category_thresholds_match_a_written_out_computation() ->
     assert th.pooled_std(scores, names) == pytest.approx(_written_out_pooled_std(scores, names), rel=1e-12)
     result = th.category_thresholds(scores, maxima, names)
     assert list(result) == ["a", "b", "c"]
-    assert result["a"] == th.CategoryThreshold(count=2, image_mean=pytest.approx(0.2), image_threshold=pytest.approx(0.2 + 3 * expected_std), pixel_threshold=1.4)
+    assert result["a"] == th.CategoryThreshold(
+        count=2, image_mean=pytest.approx(0.2), image_threshold=pytest.approx(0.2 + 3 * expected_std), pixel_threshold=1.4
+    )
     assert result["b"].image_mean == pytest.approx(-0.2) and result["b"].pixel_threshold == 0.9 and result["b"].count == 3
     assert result["c"].image_threshold == pytest.approx(0.6 + 3 * expected_std) and result["c"].pixel_threshold == 2.5
 

@@ -18,7 +18,7 @@ def demo_command(
     shots: o.described(o.Shots, "Normal training images per class (1-4).") = 2,
     epochs: Annotated[int, typer.Option(help="Training epochs (the demo trains briefly).")] = 5,
     seed: o.described(o.Seed, "Seed of the generated data, the shot draw and training.") = 0,
-    device: o.Device = "auto",
+    device: o.described(o.Device, "auto (tiny: cpu, machine-independent kernels), cpu, cuda, cuda:N or mps.") = "auto",
     quiet: o.Quiet = False,
     force: o.described(o.Force, "Rerun every stage even when its outputs are current.") = False,
 ) -> None:

@@ -50,7 +50,10 @@ def _ratios(counts: DecisionCounts, prefix: str) -> dict[str, Any]:
         f"{prefix}_recall": _number(recall),
         f"{prefix}_f1": _number(f1),
         f"{prefix}_counts": {
-            "tp": counts.true_positive, "fp": counts.false_positive, "fn": counts.false_negative, "tn": counts.true_negative
+            "tp": counts.true_positive,
+            "fp": counts.false_positive,
+            "fn": counts.false_negative,
+            "tn": counts.true_negative,
         },
     }
 
@@ -153,7 +156,8 @@ def combine_threshold_sections(sections: Sequence[dict[str, Any] | None]) -> dic
         "metrics": list(KEYS),
         "labels": LABELS,
         "classes": {
-            name: {key: cell([section["classes"].get(name, {}).get(key) for section in present]) for key in KEYS} for name in names
+            name: {key: cell([section["classes"].get(name, {}).get(key) for section in present]) for key in KEYS}
+            for name in names
         },
         "mean": {key: cell([section["mean"][key]["value"] for section in present]) for key in KEYS},
     }

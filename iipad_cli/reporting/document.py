@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from iipad_cli.reporting.decisions import combine_threshold_sections
 from iipad_cli import metrics
 from iipad_cli.errors import IipadError
 from iipad_cli.pipeline.metrics import EvaluateOptions
 from iipad_cli.reporting.columns import IMAGE_AP, IMAGE_AUROC, LABELS, PIXEL_AUROC, SCHEMA
+from iipad_cli.reporting.decisions import combine_threshold_sections
 from iipad_cli.ui import log
 
 

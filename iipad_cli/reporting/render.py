@@ -25,9 +25,8 @@ def to_csv(document: dict[str, Any]) -> str:
     if multi:
         writer.writerow(["class", *[f"{k}_{s}" for k in keys for s in ("mean", "std")], "runs", *extra_header])
         for name, cells in [*document["classes"].items(), ("mean", document["mean"])]:
-            writer.writerow(
-                [name, *[_csv(cells[k][s]) for k in keys for s in ("mean", "std")], len(document["runs"]), *extra.get(name, blank)]
-            )
+            values = [_csv(cells[k][s]) for k in keys for s in ("mean", "std")]
+            writer.writerow([name, *values, len(document["runs"]), *extra.get(name, blank)])
     else:
         writer.writerow(["class", *keys, "images", "anomalous", *extra_header])
         for name, cells in document["classes"].items():

@@ -86,7 +86,9 @@ def _calibration_image(path: str, category: str, source: str, output: AnomalyOut
     )
 
 
-def leave_one_out(models: RunModels, features_path: Path, *, top_k: int, resolution: int, sigma: float) -> list[CalibrationImage]:
+def leave_one_out(
+    models: RunModels, features_path: Path, *, top_k: int, resolution: int, sigma: float
+) -> list[CalibrationImage]:
     """Each shot of features.h5:train scored against the banks without it."""
     assert models.banks is not None
     train = read_split(features_path, "train", ("path", "cls", *FEATURE_FIELDS))
@@ -98,14 +100,18 @@ def leave_one_out(models: RunModels, features_path: Path, *, top_k: int, resolut
     images = []
     for row, path in enumerate(paths):
         reduced = dataclasses.replace(models, banks=models.banks.without(row))
-        features = features_to_device({name: np.asarray(train[name][row : row + 1]) for name in FEATURE_FIELDS}, models.device)
+        features = features_to_device(
+            {name: np.asarray(train[name][row : row + 1]) for name in FEATURE_FIELDS}, models.device
+        )
         check_finite_features(features, [path], f"{features_path} (train)")
         output = score_features(reduced, features, [path], top_k=k, resolution=resolution, sigma=sigma)
         images.append(_calibration_image(path, str(train["cls"][row]), LEAVE_ONE_OUT, output, 0))
     return images
 
 
-def view_scores(models: RunModels, features_path: Path, data_root: Path, *, top_k: int, resolution: int, sigma: float) -> list[CalibrationImage]:
+def view_scores(
+    models: RunModels, features_path: Path, data_root: Path, *, top_k: int, resolution: int, sigma: float
+) -> list[CalibrationImage]:
     """The augmented views of every shot, scored against the full banks."""
     assert models.banks is not None
     train = read_split(features_path, "train", ("path", "cls"))
@@ -117,11 +123,15 @@ def view_scores(models: RunModels, features_path: Path, data_root: Path, *, top_
         features = encode_for_scoring(models, [normalise(view, image_size) for _, view in views])
         check_finite_features(features, names, "calibration views")
         output = score_features(models, features, names, top_k=top_k, resolution=resolution, sigma=sigma)
-        images += [_calibration_image(str(rel_path), str(cls), f"view {name}", output, row) for row, (name, _) in enumerate(views)]
+        images += [
+            _calibration_image(str(rel_path), str(cls), f"view {name}", output, row) for row, (name, _) in enumerate(views)
+        ]
     return images
 
 
-def normal_scores(models: RunModels, paths: Sequence[Path], *, top_k: int, resolution: int, sigma: float, batch_size: int) -> list[CalibrationImage]:
+def normal_scores(
+    models: RunModels, paths: Sequence[Path], *, top_k: int, resolution: int, sigma: float, batch_size: int
+) -> list[CalibrationImage]:
     """Extra normal images, scored against the full banks; category = class of the top-1 bank image."""
     assert models.banks is not None
     image_size = models.backbone.spec.image_size
@@ -158,7 +168,9 @@ def derive_thresholds(
         images = leave_one_out(models, features_path, top_k=top_k, resolution=resolution, sigma=sigma)
     else:
         method = AUGMENTED_VIEWS
-        images = view_scores(models, features_path, Path(str(attrs["data_root"])), top_k=top_k, resolution=resolution, sigma=sigma)
+        images = view_scores(
+            models, features_path, Path(str(attrs["data_root"])), top_k=top_k, resolution=resolution, sigma=sigma
+        )
     if normal_paths:
         images += normal_scores(models, normal_paths, top_k=top_k, resolution=resolution, sigma=sigma, batch_size=batch_size)
     scores = [image.image_score for image in images]
@@ -167,8 +179,11 @@ def derive_thresholds(
         categories = category_thresholds(scores, [image.map_max for image in images], names)
     except ValueError as error:
         raise IipadError(f"{features_path}: no label-free threshold: {error}; add normal images with --normal DIR") from None
-    log(f"label-free thresholds from {len(images)} normal images ({method}"
-        f"{f' + {len(normal_paths)} --normal' if normal_paths else ''}) for {len(categories)} categories", quiet)
+    log(
+        f"label-free thresholds from {len(images)} normal images ({method}"
+        f"{f' + {len(normal_paths)} --normal' if normal_paths else ''}) for {len(categories)} categories",
+        quiet,
+    )
     return Thresholds(
         method=method,
         z=Z,

@@ -42,10 +42,17 @@ from PIL import Image
 from iipad_cli.artifacts import SCORES_FILE, atomic_path, provenance, write_json_atomic
 from iipad_cli.data.images import preprocess_image
 from iipad_cli.data.layouts import is_image
-from iipad_cli.distributed import Launch, launch_from_env, process_group, rank_device, shard_range
+from iipad_cli.distributed import (
+    Launch,
+    launch_from_env,
+    process_group,
+    rank_device,
+    shard_range,
+)
 from iipad_cli.errors import IipadError
 from iipad_cli.pipeline.predict import PredictOptions
 from iipad_cli.pipeline.score import DEFAULT_SIGMA
+from iipad_cli.reporting.inputs import upsample
 from iipad_cli.schema.scores import read_scores_attrs
 from iipad_cli.schema.thresholds import THRESHOLDS_FILE, Thresholds, load_thresholds
 from iipad_cli.stages._scoring import (
@@ -57,9 +64,14 @@ from iipad_cli.stages._scoring import (
     load_run_models,
     score_features,
 )
-from iipad_cli.reporting.inputs import upsample
 from iipad_cli.stages.score import RANDOM_NOTE, resized_image
-from iipad_cli.thresholds import ANOMALOUS, NORMAL, binary_mask, image_label, normalised_score
+from iipad_cli.thresholds import (
+    ANOMALOUS,
+    NORMAL,
+    binary_mask,
+    image_label,
+    normalised_score,
+)
 from iipad_cli.ui import err_console, log, progress
 from iipad_cli.viz import heatmap_figure, save_png
 
@@ -154,13 +166,16 @@ def write_mask_png(mask: np.ndarray, path: Path) -> None:
         Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
 
 
-def run_thresholds(models: RunModels, options: PredictOptions, top_k: int, sigma: float, resolution: int, quiet: bool) -> Thresholds:
+def run_thresholds(
+    models: RunModels, options: PredictOptions, top_k: int, sigma: float, resolution: int, quiet: bool
+) -> Thresholds:
     """The run's label-free thresholds, checked against the generator and banks in use, with the
     `--threshold` override validated; warns when predict's top-k, σ or resolution differ from
     the ones the thresholds were derived with."""
     path = models.run_dir / THRESHOLDS_FILE
     thresholds = load_thresholds(path)
-    stale = [name for name, sha in (("generator", models.generator_sha), ("banks", models.banks_sha)) if thresholds.provenance.get(f"{name}_sha256") != sha]
+    used = (("generator", models.generator_sha), ("banks", models.banks_sha))
+    stale = [name for name, sha in used if thresholds.provenance.get(f"{name}_sha256") != sha]
     if stale and not options.force:
         raise IipadError(f"{path}: derived with another {stale[0]} file; run `iipad score` again (or --force)")
     if options.threshold is not None:
