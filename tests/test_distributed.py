@@ -248,13 +248,15 @@ def test_collectives_across_two_processes(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
-    """bottle + tire, 1 shot each, `tiny` (random weights), one training epoch, banks."""
+    """bottle + tire, 1 shot each, `tiny` (random weights), one training epoch, banks, scores (and
+    with them the label-free thresholds that predict decides with)."""
     run_dir = tmp_path_factory.mktemp("dist") / "run"
     steps = [
         ["extract", str(shared_data / "mvtec"), "--shots", "1", "--backbone", "tiny", "--classes", "bottle,tire",
          "--workers", "0", "-o", str(run_dir)],
         ["train", str(run_dir), "--epochs", "1"],
         ["bank", str(run_dir)],
+        ["score", str(run_dir)],
     ]
     for step in steps:
         result = CliRunner().invoke(app, [*step, "--quiet", "--device", "cpu"])
