@@ -18,7 +18,7 @@ def demo_command(
     shots: o.described(o.Shots, "Normal training images per class (1-4).") = 2,
     epochs: Annotated[int, typer.Option(help="Training epochs (the demo trains briefly).")] = 5,
     seed: o.described(o.Seed, "Seed of the generated data, the shot draw and training.") = 0,
-    device: o.described(o.Device, "auto (tiny: cpu, machine-independent kernels), cpu, cuda, cuda:N or mps.") = "auto",
+    device: o.Device = "auto",
     quiet: o.Quiet = False,
     force: o.described(o.Force, "Rerun every stage even when its outputs are current.") = False,
 ) -> None:
@@ -28,7 +28,8 @@ def demo_command(
     with synthetic scratches, holes, stains and foreign objects and their exact masks, written
     to OUTPUT/data; nothing is downloaded. With the default tiny backbone the weights are
     random, so the table is a plumbing check (the memory bank still finds the defects), not
-    the method's accuracy. Prints the run directory on stdout; the table and the heatmaps'
+    the method's accuracy. With the tiny backbone `--device auto` means the CPU, with
+    machine-independent kernels, so the table is the same on every x86-64 machine. Prints the run directory on stdout; the table and the heatmaps'
     location go to stderr.
     """
     from iipad_cli.stages.demo import run_demo, show_demo_summary
