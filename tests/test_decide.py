@@ -211,3 +211,22 @@ def test_metrics_report_precision_recall_f1_at_the_label_free_thresholds(run: Pa
 def test_iipad_run_offers_the_normal_images_option() -> None:
     code, stdout, _ = _invoke("run", "--help")
     assert code == 0 and "--normal" in stdout
+
+
+def test_the_threshold_table_shows_percent_and_the_classes_each_mean_covers(run: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from iipad_cli.reporting.decisions import to_table
+
+    code, stdout, _ = _invoke("metrics", str(run), "--json", "--quiet")
+    section = json.loads(stdout)["at_threshold"]
+    buffer = io.StringIO()
+    Console(file=buffer, width=250).print(to_table(section))
+    mean_row = next(line for line in buffer.getvalue().splitlines() if line.startswith("│ mean"))
+    cells = [cell.strip() for cell in mean_row.strip("│").split("│")][1:]
+    for key, cell in zip(("image_precision", "image_recall", "image_f1", "pixel_precision", "pixel_recall", "pixel_f1"), cells):
+        mean = section["mean"][key]
+        expected = "n/a" if mean["value"] is None else f"{100 * mean['value']:.1f} ({mean['classes']}/{mean['of']})"
+        assert cell == expected

@@ -196,9 +196,11 @@ def to_table(section: dict[str, Any]) -> Table:
                 text = "n/a" if cell["mean"] is None else f"{100 * cell['mean']:.1f}"
                 if cell["mean"] is not None and cell["std"] is not None:
                     text += f" ± {100 * cell['std']:.1f}"
+            elif name == "mean":
+                value = cell["value"]
+                text = "n/a" if value is None else f"{100 * value:.1f} ({cell['classes']}/{cell['of']})"
             else:
-                value = cell["value"] if name == "mean" else cell
-                text = "n/a" if value is None else f"{100 * value:.1f}"
+                text = "n/a" if cell is None else f"{100 * cell:.1f}"
             row.append(text)
         table.add_row(name, *row, style="bold" if name == "mean" else None)
     return table
