@@ -16,7 +16,16 @@ from PIL import Image
 from torchvision import transforms
 
 from iipad_cli.config import CLIP_MEAN, CLIP_STD
-from iipad_cli.data.images import binarise_mask, load_mask, load_rgb, normalise, preprocess_image, resize_mask, to_rgb
+from iipad_cli.data.images import (
+    binarise_mask,
+    load_mask,
+    load_rgb,
+    normalise,
+    oriented_size,
+    preprocess_image,
+    resize_mask,
+    to_rgb,
+)
 from iipad_cli.errors import IipadError
 
 REFERENCE = transforms.Compose(
@@ -108,7 +117,17 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     assert np.array_equal(np.asarray(loaded), displayed)
     tensor, size = preprocess_image(path, 28)
     assert size == (20, 30)
+    assert oriented_size(path) == (20, 30)  # from the header, without decoding
     assert torch.equal(tensor, normalise(Image.fromarray(np.ascontiguousarray(displayed)), 28))
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 5, 8])
+def test_oriented_size_matches_the_decoded_image(tmp_path: Path, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "oriented.jpg"
+    Image.fromarray(_pattern(20, 30)).save(path, exif=exif)
+    assert oriented_size(path) == load_rgb(path).size
 
 
 def test_truncated_and_garbage_images_are_one_line_errors(tmp_path: Path) -> None:

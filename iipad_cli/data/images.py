@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from iipad_cli.config import CLIP_MEAN, CLIP_STD
 from iipad_cli.errors import IipadError
@@ -73,6 +73,19 @@ def normalise(image: Image.Image, image_size: int) -> torch.Tensor:
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
     return tensor.sub(mean).div(std)
+
+
+def oriented_size(path: Path) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, as `preprocess_image` returns it, from the header alone."""
+    try:
+        with Image.open(path) as handle:
+            width, height = handle.size
+            orientation = handle.getexif().get(ExifTags.Base.Orientation, 1)
+    except _DECODE_ERRORS as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise IipadError(f"{path}: unreadable image ({reason})") from None
+    # Orientations 5-8 rotate by 90 degrees (transposed width and height).
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def preprocess_image(path: Path, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
