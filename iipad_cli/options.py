@@ -58,7 +58,22 @@ Output = Annotated[
     typer.Option("--output", "-o", help="Run directory (default: runs/<data-dir-name>-<K>shot).", show_default=False),
 ]
 
+# the feature store (docs/store.md)
+Cache = Annotated[
+    Optional[Path],
+    typer.Option(
+        help="Feature store directory (default: $IIPAD_CACHE, else $XDG_CACHE_HOME/iipad, else ~/.cache/iipad).",
+        show_default=False,
+    ),
+]
+
 # extract
+Copy = Annotated[
+    bool,
+    typer.Option(
+        "--copy", help="Write a self-contained features.h5 (default: virtual datasets into the feature store).", metavar=FLAG
+    ),
+]
 Layout = Annotated[str, typer.Option(help="Data layout: auto, mvtec, visa or folder.")]
 Classes = Annotated[
     Optional[Names],

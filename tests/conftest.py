@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,10 +28,23 @@ def shared_data() -> Path:
     return root.resolve()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_feature_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Module- and session-scoped fixtures (set up before any test's own) use a session store."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IIPAD_CACHE", str(tmp_path_factory.mktemp("iipad-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
-def _feature_store_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test (and every process it starts) uses its own feature store, never ~/.cache/iipad."""
-    monkeypatch.setenv("IIPAD_CACHE", str(tmp_path / "iipad-cache"))
+def _feature_store_in_tmp(tmp_path: Path) -> Iterator[None]:
+    """Every test (and every process it starts) uses its own feature store, never ~/.cache/iipad.
+
+    Its own MonkeyPatch, so a test calling `monkeypatch.undo()` cannot unset it.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IIPAD_CACHE", str(tmp_path / "iipad-cache"))
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,9 +1,11 @@
-"""`iipad extract` end to end with the tiny backbone (random weights): schema, exactness, resume, errors."""
+"""`iipad extract` end to end with the tiny backbone (random weights): schema, exactness, the feature
+store (virtual datasets, --copy, resume from the store), errors."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,10 +20,12 @@ from typer.testing import CliRunner
 
 from iipad_cli.commands import extract as extract_command
 from iipad_cli.config import CLIP_MEAN, CLIP_STD
+from iipad_cli.data.layouts import load_dataset
 from iipad_cli.errors import IipadError
 from iipad_cli.models.backbone import Backbone
 from iipad_cli.schema.features import check_features_compatible, read_attrs, read_split
 from iipad_cli.stages.extract import ExtractOptions, run_extract
+from iipad_cli.store import FeatureStore, resolve_cache_dir
 
 FEATURES = ("cls_token", "qformer", "vv", "mem")
 REFERENCE = transforms.Compose(
@@ -75,6 +79,12 @@ def _direct(backbone: Backbone, root: Path, paths: list[str]) -> dict[str, np.nd
     return {name: np.stack(values) for name, values in rows.items()}
 
 
+def _tiny() -> Backbone:
+    from iipad_cli.models.registry import build_random_backbone, get_spec
+
+    return build_random_backbone(get_spec("tiny"))
+
+
 def _all_datasets(path: Path) -> dict[str, np.ndarray]:
     with h5py.File(path, "r") as handle:
         return {f"{split}/{name}": handle[split][name][...] for split in ("train", "test") for name in handle[split]}
@@ -122,11 +132,33 @@ def test_every_fixture_extracts_with_the_schema(shared_data: Path, tmp_path: Pat
             expected = _reference_mask(mask_path if anomalous else None, 224)
             assert np.array_equal(test["mask"][i], expected), rel
             assert test["mask"][i].any() == bool(anomalous), rel
+        cache = (tmp_path / "iipad-cache").resolve()
         with h5py.File(path, "r") as handle:
-            assert handle["test/vv"].chunks == (1, 1, 256, 32) and handle["test/mem"].chunks == (1, 1, 256, 64)
-            assert handle["test/vv"].compression is None and handle["test/path"].dtype == h5py.string_dtype()
+            # No copy of the features: virtual datasets into the store's segments.
+            for split in ("train", "test"):
+                for feature in FEATURES:
+                    dataset = handle[split][feature]
+                    assert dataset.is_virtual
+                    assert all(Path(source.file_name).is_relative_to(cache / "segments") for source in dataset.virtual_sources())
+            assert handle["test/path"].dtype == h5py.string_dtype()
+        feature_bytes = sum(read_split(path, split, FEATURES)[f].nbytes for split in ("train", "test") for f in FEATURES)
+        assert path.stat().st_size < feature_bytes / 4
         manifest = json.loads((tmp_path / name / "manifest.json").read_text())
-        assert manifest["stages"]["extract"]["outputs"]["features.h5"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        entry = manifest["stages"]["extract"]
+        assert entry["outputs"]["features.h5"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert entry["images_encoded"] + entry["images_from_store"] == n_train + n_test
+
+        copied = tmp_path / f"{name}-copy" / "features.h5"
+        run_extract(_options(shared_data / name, copied.parent, copy=True))
+        assert json.loads((copied.parent / "manifest.json").read_text())["stages"]["extract"]["images_encoded"] == 0
+        with h5py.File(copied, "r") as handle:
+            assert not handle["test/vv"].is_virtual
+            assert handle["test/vv"].chunks == (1, 1, 256, 32) and handle["test/mem"].chunks == (1, 1, 256, 64)
+            assert handle["test/vv"].compression is None
+        virtual, self_contained = _all_datasets(path), _all_datasets(copied)
+        assert virtual.keys() == self_contained.keys()
+        for key in virtual:
+            assert np.array_equal(virtual[key], self_contained[key]), key
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
@@ -163,54 +195,88 @@ def _interrupt_after(monkeypatch: pytest.MonkeyPatch, calls: int) -> list[int]:
     return seen
 
 
-def test_interrupted_run_resumes_to_an_identical_file(
+def test_interrupted_run_resumes_from_the_store_to_identical_features(
     shared_data: Path, tmp_path: Path, tiny_backbone: Backbone, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = shared_data / "visa"
     options = _options(data, tmp_path / "resumed", classes=("tile_a",), batch_size=3, shots=2)
-    run_extract(replace(options, output=tmp_path / "straight"))
+    run_extract(replace(options, output=tmp_path / "straight", cache=tmp_path / "other-cache"))
+    needed = len(read_split(tmp_path / "straight" / "features.h5", "train", ["path"])["path"]) + len(
+        read_split(tmp_path / "straight" / "features.h5", "test", ["path"])["path"]
+    )
 
     _interrupt_after(monkeypatch, calls=3)
     with pytest.raises(KeyboardInterrupt):
         run_extract(options)
     monkeypatch.undo()
-    partial = tmp_path / "resumed" / "features.h5.partial"
-    assert partial.is_file() and not (tmp_path / "resumed" / "features.h5").exists()
-    with h5py.File(partial, "r") as handle:
-        assert handle["train"].attrs["rows_written"] == 2 and handle["test"].attrs["rows_written"] == 3
+    assert not (tmp_path / "resumed" / "features.h5").exists()
+    assert not list((tmp_path / "resumed").glob("*.tmp"))
 
     seen = _interrupt_after(monkeypatch, calls=-1)
     run_extract(options)
-    assert seen == [3]  # only the test images not yet stored
-    assert not partial.exists()
+    # The two batches finished before the interruption were sealed into the store.
+    assert sum(seen) == needed - 6
+    entry = json.loads((tmp_path / "resumed" / "manifest.json").read_text())["stages"]["extract"]
+    assert (entry["images_encoded"], entry["images_from_store"]) == (needed - 6, 6)
     resumed, straight = tmp_path / "resumed" / "features.h5", tmp_path / "straight" / "features.h5"
     first, second = _all_datasets(resumed), _all_datasets(straight)
     assert first.keys() == second.keys()
     for key in first:
         assert np.array_equal(first[key], second[key]), key
-    assert read_attrs(resumed) == read_attrs(straight)
     stored = read_split(resumed, "test")
     direct = _direct(tiny_backbone, data, stored["path"])
     for name in FEATURES:
         np.testing.assert_allclose(stored[name].astype(np.float32), direct[name].astype(np.float32), rtol=2e-3, atol=2e-3)
 
 
-def test_partial_never_replaces_a_complete_file(shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_run_never_replaces_a_complete_file(shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     options = _options(shared_data / "visa", tmp_path / "run", classes=("tile_a",), batch_size=2)
     run_extract(options)
     final = tmp_path / "run" / "features.h5"
     digest = hashlib.sha256(final.read_bytes()).hexdigest()
-    _interrupt_after(monkeypatch, calls=2)
+    _interrupt_after(monkeypatch, calls=1)  # seed 1 draws another shot: one image to encode
     with pytest.raises(KeyboardInterrupt):
         run_extract(replace(options, seed=1, force=True))
     monkeypatch.undo()
     assert hashlib.sha256(final.read_bytes()).hexdigest() == digest
-    assert (tmp_path / "run" / "features.h5.partial").is_file()
-    # Without --force neither the complete file nor the other-options partial is touched.
     with pytest.raises(IipadError, match="features.h5: made with seed 0, not 1"):
         run_extract(replace(options, seed=1))
     run_extract(replace(options, seed=1, force=True))
-    assert read_attrs(final)["seed"] == 1 and not (tmp_path / "run" / "features.h5.partial").exists()
+    assert read_attrs(final)["seed"] == 1 and not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_changed_bytes_under_the_same_name_are_encoded_again(shared_data: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(shared_data / "mvtec" / "bottle", data / "bottle")
+    options = _options(data, tmp_path / "run")
+    run_extract(options)
+    test_image = sorted((data / "bottle" / "test" / "good").iterdir())[0]
+    pixels = np.asarray(Image.open(test_image).convert("RGB")).copy()
+    pixels[:8, :8] = 255 - pixels[:8, :8]
+    Image.fromarray(pixels).save(test_image)
+    with pytest.raises(IipadError, match="features.h5: made with content_sha256 "):
+        run_extract(options)
+    run_extract(replace(options, force=True))
+    entry = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["extract"]
+    assert entry["images_encoded"] == 1
+    stored = read_split(tmp_path / "run" / "features.h5", "test")
+    row = stored["path"].index(test_image.relative_to(data).as_posix())
+    direct = _direct(_tiny(), data, [stored["path"][row]])
+    np.testing.assert_allclose(stored["vv"][row].astype(np.float32), direct["vv"][0].astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_cleared_store_is_a_one_line_error_for_later_stages_and_copy_survives(shared_data: Path, tmp_path: Path) -> None:
+    options = _options(shared_data / "visa", tmp_path / "run", classes=("tile_b",))
+    run_extract(options)
+    run_extract(replace(options, output=tmp_path / "copy", copy=True))
+    FeatureStore(resolve_cache_dir()).clear(None)
+    with pytest.raises(IipadError) as error:
+        read_split(tmp_path / "run" / "features.h5", "test")
+    assert "\n" not in str(error.value) and "feature store segment that is gone" in str(error.value)
+    assert np.isfinite(read_split(tmp_path / "copy" / "features.h5", "test", ["vv"])["vv"]).all()
+    # extract notices the missing segments and writes the file again.
+    run_extract(options)
+    assert np.isfinite(read_split(tmp_path / "run" / "features.h5", "test", ["vv"])["vv"]).all()
 
 
 def test_same_options_is_a_no_op_and_other_options_refuse(shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -261,7 +327,10 @@ def test_default_run_dir_and_nan_check(shared_data: Path, tmp_path: Path, monkey
     assert bad.exit_code == 1
     assert bad.stderr.strip().startswith("error: ") and "non-finite vv features" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
-    assert str(shared_data / "mvtec" / "tire" / "train" / "good") in bad.stderr
+    # One loader runs over the shot, then the test images: the poisoned last row of the first
+    # batch of 8 is the 7th test image.
+    dataset = load_dataset(shared_data / "mvtec", "auto", ("tire",))
+    assert f"error: {dataset.test[6].path}: non-finite vv features" in bad.stderr
 
 
 def _png(path: Path, size: tuple[int, int] = (20, 16)) -> Path:

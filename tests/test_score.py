@@ -163,9 +163,25 @@ def test_score_refuses_a_generator_from_other_features(run: Path, tmp_path: Path
     assert code == 1 and GENERATOR_FILE in stderr and "features.h5" in stderr
 
 
+def _self_contained(path: Path) -> None:
+    """Replace a features.h5 whose features are virtual datasets into the shared store by a real copy,
+    so that editing it cannot write into the store (as `iipad extract --copy` would write it)."""
+    tmp = path.with_name("copy.h5")
+    with h5py.File(path, "r") as source, h5py.File(tmp, "w") as target:
+        target.attrs.update(dict(source.attrs))
+        for split in source:
+            group = target.create_group(split)
+            group.attrs.update(dict(source[split].attrs))
+            for name, dataset in source[split].items():
+                group.create_dataset(name, data=dataset[...], dtype=dataset.dtype)
+    tmp.replace(path)
+
+
 def test_nan_features_name_the_image(run: Path, tmp_path: Path) -> None:
     other = _copy_run(run, tmp_path / "other")
+    _self_contained(other / FEATURES_FILE)
     with h5py.File(other / FEATURES_FILE, "a") as handle:
+        assert not handle["test"]["vv"].is_virtual
         handle["test"]["vv"][3, 1, 7, 0] = np.nan
         bad = handle["test"]["path"].asstr()[3]
     code, _, stderr = _invoke("score", str(other), "--quiet", "--force")

@@ -11,9 +11,11 @@ from iipad_cli.pipeline.extract import ExtractOptions
 def extract_command(options: ExtractOptions) -> None:
     """Run the frozen encoders once per image and cache the features; print the run directory.
 
-    Stores the K shots per class and the whole test set (with ground-truth masks). An
-    interrupted run resumes where it stopped; re-running with the same options does nothing;
-    other options are refused unless --force.
+    Covers the K shots per class and the whole test set (with ground-truth masks). Each
+    image is looked up in the feature store by the sha256 of its bytes and only the missing
+    ones are encoded; features.h5 points into the store unless --copy. An interrupted run
+    keeps what it encoded; re-running with the same options does nothing; other options are
+    refused unless --force.
 
     Example: iipad extract data/mvtec --shots 1 --backbone tiny -o runs/t --classes bottle,tire
     """

@@ -1,6 +1,7 @@
 """The `extract` stage declared: its options, their checks, its currency key and its output."""
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
@@ -10,7 +11,7 @@ from iipad_cli.artifacts import FEATURES_FILE, sha256_json
 from iipad_cli.pipeline.stage import Stage, at_least, weights_text
 
 if TYPE_CHECKING:
-    from iipad_cli.data.layouts import Dataset
+    from iipad_cli.data.layouts import Dataset, Sample
 
 
 def default_workers() -> int:
@@ -29,6 +30,39 @@ def listing_digest(dataset: "Dataset") -> str:
         for s in (*dataset.train, *dataset.test)
     ]
     return sha256_json(rows)
+
+
+_content_memo: dict[tuple[str, int, int, int], str] = {}
+
+
+def content_keys(samples: "Sequence[Sample]") -> list[str]:
+    """The sha256 of each sample's file bytes (the feature store's content key).
+
+    Memoised per process on (path, inode, size, mtime), so `iipad run` (deciding whether extract
+    is current) and the extract it calls read each file once; a file rewritten in place gets a
+    new mtime and is hashed again.
+    """
+    from iipad_cli.errors import IipadError
+    from iipad_cli.store import content_sha256
+
+    keys = []
+    for sample in samples:
+        try:
+            stat = sample.path.stat()
+        except OSError as error:
+            raise IipadError(f"{sample.path}: unreadable image ({error.strerror})") from None
+        memo_key = (str(sample.path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if memo_key not in _content_memo:
+            _content_memo[memo_key] = content_sha256(sample.path)
+        keys.append(_content_memo[memo_key])
+    return keys
+
+
+def content_digest(splits: "dict[str, Sequence[Sample]]") -> str:
+    """One hash of every (split, path, content sha256) a run reads: changed bytes under the same name show."""
+    return sha256_json(
+        [[split, sample.rel_path, key] for split, samples in splits.items() for sample, key in zip(samples, content_keys(samples))]
+    )
 
 
 @dataclass(frozen=True)
@@ -50,9 +84,12 @@ class ExtractOptions:
     device: o.Device = "auto"
     force: o.described(o.Force, "Replace features made with other options.") = False
     quiet: o.Quiet = False
+    cache: o.Cache = None
+    copy: o.Copy = False
 
-    # Recorded, but the features do not depend on them.
-    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"batch_size", "workers", "device"})
+    # Recorded, but the features do not depend on them (the store holds the same features
+    # wherever it is).
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"batch_size", "workers", "device", "cache"})
 
     def validate(self) -> None:
         at_least("--shots", self.shots, 1)
@@ -61,11 +98,21 @@ class ExtractOptions:
         if self.workers is not None:
             at_least("--workers", self.workers, 0)
 
+    def splits(self, dataset: "Dataset") -> "dict[str, list[Sample]]":
+        """The images a run reads: the K shots per class (train) and the test set."""
+        from iipad_cli.data.shots import select_shots
+
+        return {"train": select_shots(dataset, self.shots, self.shot_policy, self.seed), "test": list(dataset.test)}
+
     def recorded(self, dataset: "Dataset") -> dict[str, Any]:
-        """The options as RUN/manifest.json records them (paths resolved by the data layout)."""
+        """The options as RUN/manifest.json records them (paths resolved by the data layout).
+
+        `content_sha256` makes image bytes that changed under the same names a reason to rerun.
+        """
         return {
             "data": str(dataset.root),
             "samples_sha256": listing_digest(dataset),
+            "content_sha256": content_digest(self.splits(dataset)),
             "shots": self.shots,
             "backbone": self.backbone,
             "weights": weights_text(self.weights),
@@ -77,6 +124,8 @@ class ExtractOptions:
             "batch_size": self.batch_size,
             "workers": default_workers() if self.workers is None else self.workers,
             "device": self.device,
+            "copy": self.copy,
+            "cache": str(self.cache) if self.cache is not None else None,
         }
 
     def key(self, run_dir: Path) -> dict[str, Any]:

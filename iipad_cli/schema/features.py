@@ -5,18 +5,21 @@ Layout (design.md §2): groups `train` (the K shots per class) and `test`; per g
 and the fp16 features `cls_token` (N, 2, D), `qformer` (N, M, d), `vv` (N, Lv, P, D),
 `mem` (N, Lm, P, W). Root attributes carry provenance and the options that define the content.
 
-Datasets grow per batch with `resize` and are chunked per (image, layer) slab, uncompressed (fp16
-tokens do not compress). Each group's `rows_written` attribute is updated only after a batch is
-fully written and flushed, so an interrupted writer leaves a file that can be resumed exactly.
+`extract` writes the file in one go (`write_features_file`) from rows of the feature store: the
+fp16 features are HDF5 virtual datasets mapping each row to its row in a store segment, so a run
+directory holds no copy of them (or, with `--copy`, real datasets chunked per (image, layer) slab,
+uncompressed: fp16 tokens do not compress). Readers open the file through `open_features`, which
+refuses, in one line, a file whose store segments are gone (HDF5 would read them as zeros).
+`FeaturesWriter` appends batches to a self-contained file (tests build synthetic runs with it).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import h5py
 import numpy as np
@@ -42,8 +45,11 @@ IDENTITY_ATTRS = (
     "image_size",
     "data_root",
     "samples_sha256",
+    "content_sha256",
     "schema_version",
 )
+# Rows copied from the store per read when a self-contained file is written.
+COPY_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,109 @@ def _open(path: Path) -> h5py.File:
         raise IipadError(f"{path}: not a readable features file ({str(error).splitlines()[0]})") from None
 
 
+def missing_sources(handle: h5py.File) -> list[str]:
+    """Store segments that the virtual feature datasets of an open features file point to but are gone."""
+    missing: set[str] = set()
+    for split in SPLITS:
+        for name in FEATURE_FIELDS:
+            dataset = handle.get(f"{split}/{name}")
+            if dataset is not None and dataset.is_virtual:
+                missing.update(source.file_name for source in dataset.virtual_sources() if not Path(source.file_name).is_file())
+    return sorted(missing)
+
+
+def open_features(path: Path) -> h5py.File:
+    """A features file opened for reading, its store segments (if virtual) all present."""
+    handle = _open(Path(path))
+    gone = missing_sources(handle)
+    if gone:
+        handle.close()
+        more = f" and {len(gone) - 1} more" if len(gone) > 1 else ""
+        raise IipadError(
+            f"{path}: its features are in a feature store segment that is gone ({gone[0]}{more}; store cleared or moved); "
+            "re-run `iipad extract` with the same options to encode them again"
+        )
+    return handle
+
+
+class FeatureSource(Protocol):
+    """Where one row's features are: row `row` of the `rows`-row segment file `file` (a store `Location`)."""
+
+    file: Path
+    row: int
+    rows: int
+
+
+def _source_runs(sources: Sequence[FeatureSource]) -> list[tuple[int, int, FeatureSource]]:
+    """(start, length, first source) of each run of rows that are consecutive rows of one segment."""
+    runs: list[tuple[int, int, FeatureSource]] = []
+    for position, source in enumerate(sources):
+        if runs:
+            start, length, first = runs[-1]
+            if source.file == first.file and source.row == first.row + length:
+                runs[-1] = (start, length + 1, first)
+                continue
+        runs.append((position, 1, source))
+    return runs
+
+
+def _virtual_dataset(group: h5py.Group, name: str, shape: tuple[int, ...], sources: Sequence[FeatureSource]) -> None:
+    layout = h5py.VirtualLayout(shape=(len(sources), *shape), dtype=np.float16)
+    for start, length, first in _source_runs(sources):
+        segment = h5py.VirtualSource(str(first.file), name, shape=(first.rows, *shape), dtype=np.float16)
+        layout[start : start + length] = segment[first.row : first.row + length]
+    group.create_virtual_dataset(name, layout, fillvalue=np.float16(np.nan))
+
+
+def write_features_file(
+    path: Path,
+    attrs: Mapping[str, Any],
+    shapes: FeatureShapes,
+    columns: Mapping[str, Mapping[str, Sequence[str] | np.ndarray]],
+    sources: Mapping[str, Sequence[FeatureSource]],
+    copy_rows: Callable[[Sequence[FeatureSource], str], np.ndarray] | None = None,
+) -> None:
+    """Write a complete features file at `path` (the caller makes it atomic).
+
+    `columns[split]` holds the per-image metadata (`path`, `cls`, `defect`, `label`, and for the
+    test split `has_mask`, `mask`); `sources[split]` where each row's features are. Without
+    `copy_rows` the features are virtual datasets into the segments; with it they are copied,
+    `COPY_ROWS` rows at a time (`copy_rows(sources, field)` returns those rows' fp16 values).
+    """
+    with h5py.File(path, "w") as handle:
+        for key, value in attrs.items():
+            handle.attrs[key] = _encode_attr(key, value)
+        handle.attrs["virtual"] = copy_rows is None
+        for split in SPLITS:
+            group = handle.create_group(split)
+            rows = sources[split]
+            for name, values in columns[split].items():
+                if len(values) != len(rows):
+                    raise ValueError(f"{split}/{name}: {len(values)} values for {len(rows)} rows")
+                if name in STRING_FIELDS:
+                    group.create_dataset(name, data=np.asarray(list(values), dtype=object), dtype=h5py.string_dtype())
+                elif name == "mask":
+                    # Masks are mostly zeros: compressed, they keep a virtual run directory small.
+                    masks = np.asarray(values, dtype=bool)
+                    if len(masks):
+                        group.create_dataset(name, data=masks, chunks=(1, *masks.shape[1:]), compression="gzip")
+                    else:
+                        group.create_dataset(name, data=masks)
+                else:
+                    group.create_dataset(name, data=np.asarray(values))
+            for name in FEATURE_FIELDS:
+                shape = shapes.of(name)
+                if copy_rows is None and rows:
+                    _virtual_dataset(group, name, shape, rows)
+                    continue
+                dataset = group.create_dataset(name, shape=(len(rows), *shape), dtype=np.float16, chunks=_chunk(shape) if rows else None)
+                for start in range(0, len(rows), COPY_ROWS):
+                    assert copy_rows is not None
+                    dataset[start : start + COPY_ROWS] = copy_rows(rows[start : start + COPY_ROWS], name)
+            group.attrs["rows_written"] = len(rows)
+        handle.attrs["complete"] = True
+
+
 def read_attrs(path: Path) -> dict[str, Any]:
     """Root attributes with JSON values decoded and integer arrays as lists."""
     with _open(Path(path)) as handle:
@@ -182,7 +291,7 @@ def read_split(path: Path, split: str, fields: Iterable[str] | None = None) -> d
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-    with _open(Path(path)) as handle:
+    with open_features(Path(path)) as handle:
         group = handle[split]
         names = list(group.keys()) if fields is None else list(fields)
         missing = [name for name in names if name not in group]

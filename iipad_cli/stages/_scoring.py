@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 from torch import Tensor
@@ -27,7 +26,7 @@ from iipad_cli.models.prompt_generator import PromptGenerator
 from iipad_cli.checkpoints import load_backbone
 from iipad_cli.models.registry import get_spec
 from iipad_cli.schema.banks import Banks, load_banks, read_banks_metadata
-from iipad_cli.schema.features import FEATURE_FIELDS, check_backbone_weights, load_features_attrs
+from iipad_cli.schema.features import FEATURE_FIELDS, check_backbone_weights, load_features_attrs, open_features
 from iipad_cli.schema.generator import load_generator
 
 
@@ -199,7 +198,7 @@ def check_top_k(top_k: int, bank_size: int) -> None:
 def iter_feature_rows(path: Path, split: str, batch_size: int) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
     """(start, stop, fp16 feature arrays) per batch of a features split, read slice by slice so the
     test set never has to fit in memory at once."""
-    with h5py.File(path, "r") as handle:
+    with open_features(path) as handle:
         group = handle[split]
         count = int(group.attrs["rows_written"])
         for start in range(0, count, batch_size):

@@ -1,22 +1,24 @@
-"""`iipad extract`: run the frozen encoders once per image and cache everything in `RUN/features.h5`.
+"""`iipad extract`: the frozen encoders' features of the test set and the K shots -> `RUN/features.h5`.
 
-It is the only stage that touches the image encoders, so it is built for throughput (batched
-forward under inference_mode, DataLoader workers decoding the next images while the model runs,
-one shared ViT trunk for CLIP and the Q-Former when their weights agree) and for long runs that
-get interrupted: images go to `features.h5.partial`, flushed batch by batch; a re-run with the
-same options resumes after the last stored batch, and only a finished file is fsynced and renamed
-to `features.h5`, so a partial file never replaces a complete one.
+Every image is looked up in the feature store (docs/store.md) by the sha256 of its bytes; only
+the missing ones go through the encoders (`encode_into_store`, which a torchrun rank can call on
+its shard), which is built for throughput: batched forward under inference_mode, DataLoader
+workers decoding the next images while the model runs, one shared ViT trunk for CLIP and the
+Q-Former when their weights agree. `RUN/features.h5` is then written in one go, atomically, with
+the fp16 features as virtual datasets into the store's segments (`--copy`: a self-contained
+copy). An interrupted extract keeps every sealed store segment, so the rerun encodes only what
+is still missing.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import torch
 from rich.progress import Progress, TaskID
@@ -24,21 +26,31 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from iipad_cli import __version__
-from iipad_cli.artifacts import FEATURES_FILE, SCHEMA_VERSION, atomic_path, record_stage, sha256_file
+from iipad_cli.artifacts import FEATURES_FILE, SCHEMA_VERSION, atomic_path, record_stage, sha256_file, sha256_json
 from iipad_cli.config import CLIP_MEAN, CLIP_STD, BackboneSpec
-from iipad_cli.data.images import MASK_THRESHOLD, load_mask, preprocess_image
+from iipad_cli.data.images import MASK_THRESHOLD, load_mask, oriented_size, preprocess_image
 from iipad_cli.data.layouts import Dataset, Sample, load_dataset
-from iipad_cli.data.shots import select_shots, shot_files
+from iipad_cli.data.shots import shot_files
 from iipad_cli.devices import resolve_device
 from iipad_cli.errors import IipadError
 from iipad_cli.models.backbone import Backbone
 from iipad_cli.checkpoints import find_weights, load_backbone
 from iipad_cli.models.registry import get_spec
-from iipad_cli.pipeline.extract import ExtractOptions, default_run_dir, default_workers, listing_digest
-from iipad_cli.schema.features import FEATURE_FIELDS, FeatureShapes, FeaturesWriter, differing_attrs, read_attrs
+from iipad_cli.pipeline.extract import ExtractOptions, content_digest, content_keys, default_run_dir, default_workers, listing_digest
+from iipad_cli.schema.features import (
+    FEATURE_FIELDS,
+    SPLITS,
+    FeatureShapes,
+    differing_attrs,
+    missing_sources,
+    read_attrs,
+    write_features_file,
+)
+from iipad_cli.store import BackboneKey, FeatureStore, Location, StoreWriter, resolve_cache_dir
 from iipad_cli.ui import log, progress
 
-PARTIAL_SUFFIX = ".partial"
+# Numeric precision of the encoders' forward pass, part of the store's backbone key.
+FP32 = "fp32"
 
 
 @dataclass(frozen=True)
@@ -47,7 +59,6 @@ class _Item:
 
     index: int
     image: torch.Tensor | None
-    mask: np.ndarray | None
     error: str | None
 
 
@@ -55,61 +66,55 @@ class _Item:
 class _Batch:
     indices: list[int]
     images: torch.Tensor | None
-    masks: np.ndarray | None
     error: str | None
 
 
 class _ImageDataset(TorchDataset):
-    """Decodes images (and test masks) in DataLoader workers.
+    """Decodes images in DataLoader workers.
 
     An IipadError inside a worker would reach the main process wrapped in a multi-line
     traceback, so it travels as data and is re-raised there as the original one-line message.
     """
 
-    def __init__(self, samples: Sequence[Sample], start: int, image_size: int, resolution: int, masks: bool) -> None:
+    def __init__(self, samples: Sequence[Sample], image_size: int) -> None:
         self.samples = list(samples)
-        self.start = start
         self.image_size = image_size
-        self.resolution = resolution
-        self.masks = masks
 
     def __len__(self) -> int:
-        return len(self.samples) - self.start
+        return len(self.samples)
 
-    def __getitem__(self, position: int) -> _Item:
-        index = self.start + position
-        sample = self.samples[index]
+    def __getitem__(self, index: int) -> _Item:
         try:
-            image, size = preprocess_image(sample.path, self.image_size)
-            mask = None
-            if self.masks:
-                mask = np.zeros((self.resolution, self.resolution), dtype=bool)
-                if sample.label and sample.mask_path is not None:
-                    mask = load_mask(sample.mask_path, size, self.resolution)
+            image, _ = preprocess_image(self.samples[index].path, self.image_size)
         except IipadError as error:
-            return _Item(index, None, None, str(error))
-        return _Item(index, image, mask, None)
+            return _Item(index, None, str(error))
+        return _Item(index, image, None)
 
 
 def _collate(items: list[_Item]) -> _Batch:
     indices = [item.index for item in items]
     for item in items:
         if item.error is not None:
-            return _Batch(indices, None, None, item.error)
-    images = torch.stack([item.image for item in items if item.image is not None])
-    masks = np.stack([item.mask for item in items]) if items[0].mask is not None else None
-    return _Batch(indices, images, masks, None)
+            return _Batch(indices, None, item.error)
+    return _Batch(indices, torch.stack([item.image for item in items if item.image is not None]), None)
 
 
 def _weights_attrs(spec: BackboneSpec, weights_dir: Path | None) -> dict[str, Any]:
-    """Sorted sha256 of the weight files (["random"] for seeded random weights), without loading them.
+    """The weight files and their sha256 (or the random seed), without loading them.
 
-    It lets a re-run decide "nothing to do" or "other weights" before spending time on the model.
+    It lets a re-run decide "nothing to do" or "other weights", and the store find every image,
+    before any time is spent on the model (which is loaded only when an image is missing).
     """
     paths = find_weights(spec, weights_dir)
     if paths is None:
-        return {"weights_sha256": ["random"], "random_weights": True}
-    return {"weights_sha256": sorted([sha256_file(paths.clip), sha256_file(paths.qformer)]), "random_weights": False}
+        return {"weights_sha256": ["random"], "random_weights": True, "weights": {"random": f"random(seed={spec.seed})"}}
+    weights = {str(paths.clip): sha256_file(paths.clip), str(paths.qformer): sha256_file(paths.qformer)}
+    return {"weights_sha256": sorted(weights.values()), "random_weights": False, "weights": weights}
+
+
+def backbone_key(spec: BackboneSpec, weights_sha256: Sequence[str], precision: str) -> BackboneKey:
+    """The store key of this backbone's features (docs/store.md)."""
+    return BackboneKey.for_backbone(spec.backbone_id, spec.to_json(), list(weights_sha256), spec.image_size, precision)
 
 
 def _file_attrs(options: ExtractOptions, dataset: Dataset, spec: BackboneSpec, shots: Sequence[Sample]) -> dict[str, Any]:
@@ -154,36 +159,24 @@ def _refuse_other_options(path: Path, attrs: dict[str, Any]) -> dict[str, Any]:
     """The stored attributes of `path`, or an IipadError when they differ from `attrs` in any identity key."""
     stored = read_attrs(path)
     changed = differing_attrs(stored, attrs)
+    # The content digest covers the shots, so every option that draws other shots changes it too:
+    # it is named only when it is the one difference (image bytes changed under the same names).
+    changed = [key for key in changed if key != "content_sha256"] or changed
     if changed:
         raise IipadError(_describe_difference(path, stored, attrs, changed))
     return stored
 
 
-def _is_current(final: Path, partial: Path, attrs: dict[str, Any], force: bool) -> bool:
-    """True when `final` already holds these options' features; otherwise clears the way to (re)write.
-
-    A complete file made with other options is refused unless `force` (it is replaced only once
-    the new file is complete). A partial file with the same options is kept for resuming; one
-    with other options is refused unless `force`, and one left unreadable by a crash is dropped.
-    """
-    if final.is_file() and not force:
-        if _refuse_other_options(final, attrs).get("complete", False):
-            return True
-    if partial.is_file():
-        stored = _readable_attrs(partial)
-        if stored is None or force:
-            partial.unlink()
-        else:
-            _refuse_other_options(partial, attrs)
-    return False
-
-
-def _readable_attrs(path: Path) -> dict[str, Any] | None:
-    """Attributes of a partial file, or None when an interrupted write left it unreadable."""
-    try:
-        return read_attrs(path)
-    except (IipadError, OSError, KeyError):
-        return None
+def _current_file(final: Path, attrs: dict[str, Any], copy: bool) -> str | None:
+    """Why `final` (same identity options, checked by the caller) must be written again, or None."""
+    stored = read_attrs(final)
+    if not stored.get("complete", False):
+        return "incomplete"
+    if bool(stored.get("virtual", False)) == copy:
+        return "self-contained copy requested" if copy else "virtual file requested (no --copy)"
+    with h5py.File(final, "r") as handle:
+        gone = missing_sources(handle)
+    return f"{len(gone)} store segments gone" if gone else None
 
 
 def _feature_shapes(spec: BackboneSpec) -> FeatureShapes:
@@ -222,22 +215,23 @@ class _Throughput:
         self.bar.update(self.task, advance=images, rate=f"{self.rate:.2f} images/s")
 
 
-def _extract_split(
-    writer: FeaturesWriter,
-    split: str,
+def encode_into_store(
+    writer: StoreWriter,
     samples: Sequence[Sample],
+    contents: Sequence[str],
     backbone: Backbone,
-    options: ExtractOptions,
-    throughput: _Throughput,
+    batch_size: int,
+    workers: int,
+    on_batch: Callable[[int], None] = lambda images: None,
 ) -> None:
-    start = writer.rows_written(split)
-    if start >= len(samples):
-        return
-    data = _ImageDataset(samples, start, backbone.spec.image_size, options.resolution, masks=split == "test")
-    workers = default_workers() if options.workers is None else options.workers
+    """Encode `samples` (whose file sha256s are `contents`) and add their fp16 features to the store.
+
+    The seam for a distributed extract: each torchrun rank opens its own `store.writer(...)` and
+    calls this on its shard; every writer seals its own segments, so ranks never share a file.
+    """
     loader = DataLoader(
-        data,
-        batch_size=options.batch_size,
+        _ImageDataset(samples, backbone.spec.image_size),
+        batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
         collate_fn=_collate,
@@ -246,69 +240,100 @@ def _extract_split(
         if batch.error is not None:
             raise IipadError(batch.error)
         assert batch.images is not None
-        batch_samples = [samples[i] for i in batch.indices]
         with torch.inference_mode():
             encoded = backbone.encode_images(batch.images.to(backbone.device))
         features = {name: getattr(encoded, name).to(torch.float16).cpu().numpy() for name in FEATURE_FIELDS}
-        _check_finite(features, batch_samples)
-        columns: dict[str, Any] = {
-            "path": [s.rel_path for s in batch_samples],
-            "cls": [s.cls for s in batch_samples],
-            "defect": [s.defect for s in batch_samples],
-            "label": np.array([s.label for s in batch_samples], dtype=np.uint8),
-            **features,
-        }
-        if split == "test":
-            assert batch.masks is not None
-            columns["has_mask"] = np.array([s.has_mask for s in batch_samples], dtype=bool)
-            columns["mask"] = batch.masks
-        writer.append(split, columns)
-        throughput.advance(len(batch_samples))
+        _check_finite(features, [samples[i] for i in batch.indices])
+        writer.add([contents[i] for i in batch.indices], features)
+        on_batch(len(batch.indices))
+
+
+def _columns(split: str, samples: Sequence[Sample], resolution: int) -> dict[str, Any]:
+    """The per-image metadata of a split; the test split with its ground truth at `resolution`."""
+    columns: dict[str, Any] = {
+        "path": [s.rel_path for s in samples],
+        "cls": [s.cls for s in samples],
+        "defect": [s.defect for s in samples],
+        "label": np.array([s.label for s in samples], dtype=np.uint8),
+    }
+    if split == "test":
+        masks = np.zeros((len(samples), resolution, resolution), dtype=bool)
+        for row, sample in enumerate(samples):
+            if sample.label and sample.mask_path is not None:
+                masks[row] = load_mask(sample.mask_path, oriented_size(sample.path), resolution)
+        columns["has_mask"] = np.array([s.has_mask for s in samples], dtype=bool)
+        columns["mask"] = masks
+    return columns
+
+
+def _encode_missing(
+    store: FeatureStore, key: BackboneKey, missing: dict[str, Sample], spec: BackboneSpec, options: ExtractOptions, random_weights: bool
+) -> dict[str, Any]:
+    """Load the backbone and encode the images the store lacks; returns the manifest's rate figures."""
+    device = resolve_device(options.device)
+    backbone = load_backbone(spec, options.weights, device)
+    trunk = "shared by CLIP and the Q-Former" if backbone.trunk_shared else "not shared (Q-Former runs its own tower)"
+    weights_note = " (random weights)" if random_weights else ""
+    log(f"backbone {spec.backbone_id}{weights_note} on {device}; ViT trunk {trunk}", options.quiet)
+    workers = default_workers() if options.workers is None else options.workers
+    shapes = _feature_shapes(spec)
+    with progress(options.quiet) as bar, store.writer(key, {name: shapes.of(name) for name in FEATURE_FIELDS}) as writer:
+        throughput = _Throughput(bar, bar.add_task("extract", total=len(missing), rate=""), time.perf_counter())
+        encode_into_store(writer, list(missing.values()), list(missing), backbone, options.batch_size, workers, throughput.advance)
+    seconds = time.perf_counter() - throughput.started
+    log(f"encoded {throughput.images} images in {seconds:.1f} s ({throughput.rate:.2f} images/s) into {store.root}", options.quiet)
+    return {"images_per_s": round(throughput.rate, 3), "trunk_shared": backbone.trunk_shared}
 
 
 def run_extract(options: ExtractOptions) -> Path:
-    """Extract features for the test set and the K shots per class; returns the run directory."""
+    """Features of the test set and the K shots per class, from the store; returns the run directory."""
     started = time.perf_counter()
     options.validate()
     dataset = load_dataset(options.data, options.layout, options.classes)
-    shots = select_shots(dataset, options.shots, options.shot_policy, options.seed)
     spec = get_spec(options.backbone)
+    splits = options.splits(dataset)
+    shots = splits["train"]
     attrs = _file_attrs(options, dataset, spec, shots)
+    attrs["content_sha256"] = content_digest(splits)
     run_dir = Path(options.output) if options.output is not None else default_run_dir(dataset.root, options.shots)
     final = run_dir / FEATURES_FILE
-    partial = run_dir / (FEATURES_FILE + PARTIAL_SUFFIX)
     # Other options are reported before looking for weights, so "made with backbone tiny" is not
     # hidden behind "weights for vit-l-14 not found".
     if final.is_file() and not options.force:
         _refuse_other_options(final, attrs)
     attrs.update(_weights_attrs(spec, options.weights))
-    if _is_current(final, partial, attrs, options.force):
-        log(f"{final}: up to date (same options), nothing to do", options.quiet)
-        return run_dir
+    if final.is_file() and not options.force:
+        _refuse_other_options(final, attrs)
+        reason = _current_file(final, attrs, options.copy)
+        if reason is None:
+            log(f"{final}: up to date (same options), nothing to do", options.quiet)
+            return run_dir
+        log(f"{final}: writing it again ({reason})", options.quiet)
 
-    device = resolve_device(options.device)
-    backbone = load_backbone(spec, options.weights, device)
-    trunk = "shared by CLIP and the Q-Former" if backbone.trunk_shared else "not shared (Q-Former runs its own tower)"
-    weights_note = " (random weights)" if attrs["random_weights"] else ""
-    log(f"backbone {spec.backbone_id}{weights_note} on {device}; ViT trunk {trunk}", options.quiet)
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    splits = {"train": list(shots), "test": list(dataset.test)}
-    with FeaturesWriter(partial, {**attrs, "weights": backbone.weights}, _feature_shapes(spec), options.resolution) as writer:
-        remaining = sum(len(samples) - writer.rows_written(split) for split, samples in splits.items())
-        total = sum(len(samples) for samples in splits.values())
-        if remaining < total:
-            log(f"{partial}: resuming, {total - remaining} of {total} images already stored", options.quiet)
-        with progress(options.quiet) as bar:
-            throughput = _Throughput(bar, bar.add_task("extract", total=remaining, rate=""), time.perf_counter())
-            for split, samples in splits.items():
-                _extract_split(writer, split, samples, backbone, options, throughput)
-        writer.mark_complete()
-    seconds = time.perf_counter() - throughput.started
-    rate = throughput.rate if throughput.images else 0.0
-    with atomic_path(final) as tmp:
-        os.replace(partial, tmp)
-    log(f"extracted {throughput.images} images in {seconds:.1f} s ({rate:.2f} images/s) -> {final}", options.quiet)
+    key = backbone_key(spec, attrs["weights_sha256"], FP32)
+    attrs["store_backbone_key"] = key.digest
+    contents = {split: content_keys(samples) for split, samples in splits.items()}
+    needed: dict[str, Sample] = {}
+    for split in SPLITS:
+        for sample, content in zip(splits[split], contents[split]):
+            needed.setdefault(content, sample)
+    store = FeatureStore(resolve_cache_dir(options.cache))
+    with store:
+        stored = store.lookup(key, needed)
+        missing = {content: sample for content, sample in needed.items() if content not in stored}
+        log(f"{len(needed)} distinct images: {len(needed) - len(missing)} in the feature store {store.root}, {len(missing)} to encode", options.quiet)
+        rates = _encode_missing(store, key, missing, spec, options, attrs["random_weights"]) if missing else {}
+        locations = store.lookup(key, needed)
+        lost = [needed[content].path for content in needed if content not in locations]
+        if lost:
+            raise IipadError(f"{lost[0]}: its features left the feature store while extract ran (cache cleared?); run extract again")
+        store.check_segments(locations.values())
+        sources: dict[str, list[Location]] = {split: [locations[c] for c in contents[split]] for split in SPLITS}
+        columns = {split: _columns(split, splits[split], options.resolution) for split in SPLITS}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(final) as tmp:
+            write_features_file(tmp, attrs, _feature_shapes(spec), columns, sources, store.read if options.copy else None)
+    log(f"-> {final}" + (" (self-contained copy)" if options.copy else " (virtual datasets into the feature store)"), options.quiet)
     record_stage(
         run_dir,
         "extract",
@@ -316,7 +341,12 @@ def run_extract(options: ExtractOptions) -> Path:
         inputs={},
         outputs={FEATURES_FILE: sha256_file(final)},
         seconds=time.perf_counter() - started,
-        extra={"images": throughput.images, "images_per_s": round(rate, 3), "trunk_shared": backbone.trunk_shared},
+        extra={
+            "images_encoded": len(missing),
+            "images_from_store": len(needed) - len(missing),
+            "feature_store": str(store.root),
+            "store_backbone_key": key.digest,
+            **rates,
+        },
     )
     return run_dir
-

@@ -429,6 +429,8 @@ class StoreWriter:
                 bytes=tmp.stat().st_size,
                 sha256=sha256_file(tmp),
             )
+            # Read-only: a run's features.h5 opened for writing must not write through into the store.
+            os.chmod(tmp, 0o444)
             os.replace(tmp, final)
             _fsync_dir(final.parent)
             self.new_images += self.store.index.commit_segment(record, self._contents)
