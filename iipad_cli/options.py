@@ -165,6 +165,16 @@ ProLimit = Annotated[float, typer.Option(help="FPR up to which AU-PRO is integra
 ProVariant = Annotated[str, typer.Option(help="exact (MVTec AU-PRO) or legacy (released-code variant, not comparable).")]
 
 # run
+ShotsGrid = Annotated[
+    str,
+    typer.Option(
+        "--shots",
+        "-k",
+        metavar="K[,K...]",
+        help="Normal training images per class (K); several, e.g. 1,2,4, run the grid of every K and seed "
+        "into RUN-<K>shot-seed<N>.",
+    ),
+]
 Seeds = Annotated[
     Optional[str],
     typer.Option(

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from iipad_cli.commands import user_errors
+from iipad_cli import options as o
+from iipad_cli.commands import command
 from iipad_cli.ui import log
-
-CacheOption = Annotated[
-    Optional[Path],
-    typer.Option(help="Feature store directory [default: $IIPAD_CACHE, $XDG_CACHE_HOME/iipad, ~/.cache/iipad]."),
-]
 
 
 def _mib(size: int) -> str:
@@ -26,10 +21,10 @@ def register(app: typer.Typer) -> None:
     app.add_typer(cache_app, name="cache")
 
     @cache_app.command("info")
-    @user_errors
+    @command
     def info_command(
-        cache: CacheOption = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tab-separated lines.")] = False,
+        cache: o.Cache = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tab-separated lines.", metavar=o.FLAG)] = False,
     ) -> None:
         """Size, images and backbone keys of the store.
 
@@ -64,11 +59,13 @@ def register(app: typer.Typer) -> None:
             log(f"{len(info.reclaimable)} leftover files of interrupted writers; `iipad cache verify --repair` removes them")
 
     @cache_app.command("verify")
-    @user_errors
+    @command
     def verify_command(
-        cache: CacheOption = None,
+        cache: o.Cache = None,
         repair: Annotated[
-            bool, typer.Option("--repair", help="Drop damaged segments' rows (encoded again by the next extract) and leftovers.")
+            bool, typer.Option(
+                "--repair", help="Drop damaged segments' rows (encoded again by the next extract) and leftovers.", metavar=o.FLAG
+            )
         ] = False,
     ) -> None:
         """Read every indexed row back and check every segment's sha256.
@@ -96,11 +93,11 @@ def register(app: typer.Typer) -> None:
             log(f"repaired: rows of {len(report.problems)} damaged segments dropped")
 
     @cache_app.command("clear")
-    @user_errors
+    @command
     def clear_command(
-        cache: CacheOption = None,
+        cache: o.Cache = None,
         key: Annotated[Optional[str], typer.Option(help="Remove one backbone key (a unique prefix, see `iipad cache info`).")] = None,
-        all_keys: Annotated[bool, typer.Option("--all", help="Remove every stored feature (also a store of another schema version).")] = False,
+        all_keys: Annotated[bool, typer.Option("--all", help="Remove every stored feature (also a store of another schema version).", metavar=o.FLAG)] = False,
     ) -> None:
         """Remove one backbone key's features, or everything (--all).
 

@@ -21,6 +21,7 @@ def demo_command(
     device: o.Device = "auto",
     quiet: o.Quiet = False,
     force: o.described(o.Force, "Rerun every stage even when its outputs are current.") = False,
+    cache: o.Cache = None,
 ) -> None:
     """Build a small MVTec-layout data set and run the whole pipeline on it, offline.
 
@@ -35,7 +36,16 @@ def demo_command(
     from iipad_cli.stages.demo import run_demo, show_demo_summary
 
     result = run_demo(
-        output, backbone=backbone, weights=weights, shots=shots, epochs=epochs, seed=seed, device=device, quiet=quiet, force=force
+        output,
+        backbone=backbone,
+        weights=weights,
+        shots=shots,
+        epochs=epochs,
+        seed=seed,
+        device=device,
+        quiet=quiet,
+        force=force,
+        cache=cache,
     )
     show_demo_summary(result)
     typer.echo(str(result.run.run_dir))

@@ -25,7 +25,7 @@ class RunOwnOptions:
     """What `iipad run` itself decides; these names reach every stage that has them."""
 
     data: o.DataArg
-    shots: o.Shots
+    shots: o.ShotsGrid
     run_dir: o.Output = None
     seed: o.Seed = 0
     seeds: o.Seeds = None

@@ -33,6 +33,7 @@ def run_demo(
     device: str = "auto",
     quiet: bool = False,
     force: bool = False,
+    cache: Path | None = None,
 ) -> DemoResult:
     """Build the procedurally generated demo data into OUT/data and run the pipeline on it.
 
@@ -68,6 +69,7 @@ def run_demo(
         epochs=epochs,
         quiet=quiet,
         force=force,
+        cache=cache,
     )
     result = run_pipeline(options)
     return DemoResult(data_dir=data_dir, run=result, heatmaps_dir=result.run_dir / HEATMAPS_DIR)

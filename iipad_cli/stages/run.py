@@ -9,8 +9,10 @@ else reruns the stage, and a rerun stage changes its outputs' hashes, which make
 it stale in turn — so changing `--preset` reruns train, bank, score and metrics, never extract.
 
 The stages are called as functions, not subprocesses, so one process holds the backbone and the
-seeds; `--seeds 0,1,2` runs one shot draw per seed into sibling directories and aggregates them
-with the metrics stage's multi-run table (mean ± std).
+seeds; `--shots 1,2,4 --seeds 0,1,2` runs the grid of every (K, seed) pair into sibling
+directories and aggregates each K with the metrics stage's multi-run table (mean ± std), plus
+`RUN-summary.csv`. The feature store (docs/store.md) makes the grid cost one extraction: the test
+split is encoded by the first run and found by every other one.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from iipad_cli.artifacts import METRICS_JSON, read_manifest, record_stage, sha256_file
+from iipad_cli.artifacts import METRICS_JSON, read_manifest, record_stage, sha256_file, write_text_atomic
 from iipad_cli.errors import IipadError
 from iipad_cli.pipeline import STAGES
 from iipad_cli.pipeline.run_options import RunOptions, stage_options
 from iipad_cli.ui import err_console, log
 
-__all__ = ["RunOptions", "RunResult", "StageOutcome", "run_pipeline", "run_seeds", "stage_staleness"]
+__all__ = ["RunOptions", "RunResult", "StageOutcome", "run_grid", "run_pipeline", "stage_staleness"]
 
 
 @dataclass
@@ -131,25 +133,57 @@ def run_pipeline(options: RunOptions) -> RunResult:
     return result
 
 
-def seed_run_dir(run_dir: Path, seed: int) -> Path:
-    """The sibling directory of one shot draw in a `--seeds` sweep: `RUN-seed<N>`."""
-    return run_dir.with_name(f"{run_dir.name}-seed{seed}")
+def grid_run_dir(run_dir: Path, shots: int, seed: int, several_shots: bool) -> Path:
+    """The sibling directory of one (K, seed) run: `RUN-<K>shot-seed<N>` in a grid of several K,
+    `RUN-seed<N>` for a single K (what `--seeds` always wrote)."""
+    suffix = f"-{shots}shot-seed{seed}" if several_shots else f"-seed{seed}"
+    return run_dir.with_name(f"{run_dir.name}{suffix}")
 
 
-def run_seeds(options: RunOptions, seeds: list[int]) -> list[RunResult]:
-    """One full pipeline per seed (a different K-shot draw and training seed each)."""
-    if not seeds:
-        raise IipadError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
-    if len(set(seeds)) != len(seeds):
-        raise IipadError(f"--seeds has repeated values: {seeds}")
-    return [run_pipeline(replace(options, seed=seed, run_dir=seed_run_dir(options.run_dir, seed))) for seed in seeds]
+def run_grid(options: RunOptions, shots: list[int], seeds: list[int]) -> dict[int, list[RunResult]]:
+    """One full pipeline per (K, seed) pair, K by K; returns the results per K in seed order."""
+    for flag, values in (("--shots", shots), ("--seeds", seeds)):
+        if not values:
+            raise IipadError(f"{flag} needs at least one value, e.g. {flag} 0,1,2")
+        if len(set(values)) != len(values):
+            raise IipadError(f"{flag} has repeated values: {values}")
+    several = len(shots) > 1
+    return {
+        k: [run_pipeline(replace(options, shots=k, seed=seed, run_dir=grid_run_dir(options.run_dir, k, seed, several))) for seed in seeds]
+        for k in shots
+    }
 
 
-def parse_seeds(text: str) -> list[int]:
+def parse_ints(flag: str, text: str) -> list[int]:
+    """`--seeds 0,1,2` / `--shots 1,2,4` -> [0, 1, 2]."""
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise IipadError(f"--seeds {text!r}: expected comma-separated integers such as 0,1,2") from None
+        raise IipadError(f"{flag} {text!r}: expected comma-separated integers such as 0,1,2") from None
+
+
+def parse_seeds(text: str) -> list[int]:
+    return parse_ints("--seeds", text)
+
+
+def summary_path(run_dir: Path) -> Path:
+    return run_dir.with_name(f"{run_dir.name}-summary.csv")
+
+
+def write_summary(run_dir: Path, results: dict[int, list[RunResult]]) -> Path:
+    """`RUN-summary.csv`: per K one row per class and a `mean` row, each metric's mean and std over the seeds."""
+    from iipad_cli.reporting.document import combine_runs
+    from iipad_cli.reporting.render import to_csv
+
+    lines: list[str] = []
+    for k, runs in results.items():
+        header, *rows = to_csv(combine_runs([load_metrics(r.run_dir) for r in runs])).splitlines()
+        if not lines:
+            lines.append(f"shots,{header}")
+        lines.extend(f"{k},{row}" for row in rows)
+    path = summary_path(run_dir)
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
 
 
 def load_metrics(run_dir: Path) -> dict[str, Any]:

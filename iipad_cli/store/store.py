@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,10 @@ CONTENT_FIELD = "content"
 # A segment is sealed (and its rows indexed) once it holds about this many bytes: large enough
 # for few files, small enough that a killed writer loses little work.
 DEFAULT_SEGMENT_BYTES = 256 << 20
+# A segment is also sealed once it has been open this long, which bounds the work a killed writer
+# loses on slow hardware (a CPU encodes a ViT-L/14 segment's 100 images in minutes).
+SEAL_SECONDS_ENV = "IIPAD_STORE_SEAL_SECONDS"
+DEFAULT_SEAL_SECONDS = 60.0
 # Rows read at once when verify reads a segment back.
 READ_ROWS = 64
 
@@ -88,11 +93,14 @@ def _bytes_per_row(shapes: Mapping[str, tuple[int, ...]]) -> int:
     return sum(2 * int(np.prod(shape)) for shape in shapes.values())
 
 
-def _try_lock(path: Path) -> int | None:
-    """An fd holding an exclusive flock on `path` (created if needed), or None when someone holds it."""
+def _try_lock(path: Path, wait: bool = False) -> int | None:
+    """An fd holding an exclusive flock on `path` (created if needed), or None when someone holds it.
+
+    A writer waits (`wait`): a concurrent `info`/`verify` may hold its fresh lock for an instant.
+    """
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
@@ -338,7 +346,8 @@ class StoreWriter:
     """Appends encoded images to this writer's own segments; use as a context manager.
 
     `add` takes a batch (content sha256s and one fp16 array per field). A segment is sealed and
-    indexed when it is full and when the writer closes, also after an exception (the rows
+    indexed when it is full, when it has been open `$IIPAD_STORE_SEAL_SECONDS` (default 60 s) and
+    when the writer closes, also after an exception (the rows
     written so far are complete batches, so an interrupted extract keeps them); a batch whose
     own write failed makes the writer discard its open segment instead.
     """
@@ -348,6 +357,8 @@ class StoreWriter:
         self.key = key
         self.shapes = shapes
         self.rows_per_segment = max(1, segment_bytes // _bytes_per_row(shapes))
+        self.seal_seconds = float(os.environ.get(SEAL_SECONDS_ENV, DEFAULT_SEAL_SECONDS))
+        self._opened = 0.0
         self.new_images = 0  # contents this writer indexed first
         self._file: h5py.File | None = None
         self._contents: list[str] = []
@@ -364,9 +375,7 @@ class StoreWriter:
         self._segment_id = uuid.uuid4().hex
         tmp, _, lock = self._paths()
         tmp.parent.mkdir(parents=True, exist_ok=True)
-        fd = _try_lock(lock)
-        assert fd is not None, "a fresh uuid's lock cannot be held"
-        self._lock_fd = fd
+        self._lock_fd = _try_lock(lock, wait=True)
         handle = h5py.File(tmp, "w")
         handle.attrs["store_schema_version"] = STORE_SCHEMA_VERSION
         handle.attrs["backbone_key"] = self.key.digest
@@ -375,6 +384,7 @@ class StoreWriter:
             chunks = (1, 1, *shape[1:]) if len(shape) == 3 else (1, *shape)
             handle.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=np.float16, chunks=chunks)
         self._contents = []
+        self._opened = time.monotonic()
         return handle
 
     def add(self, contents: Sequence[str], features: Mapping[str, np.ndarray]) -> None:
@@ -390,7 +400,7 @@ class StoreWriter:
             take = min(len(contents) - start, self.rows_per_segment - len(self._contents))
             self._write(contents[start : start + take], {n: v[start : start + take] for n, v in features.items()})
             start += take
-            if len(self._contents) >= self.rows_per_segment:
+            if len(self._contents) >= self.rows_per_segment or time.monotonic() - self._opened >= self.seal_seconds:
                 self.seal()
 
     def _write(self, contents: Sequence[str], features: Mapping[str, np.ndarray]) -> None:
