@@ -32,15 +32,11 @@ def listing_digest(dataset: "Dataset") -> str:
     return sha256_json(rows)
 
 
-_content_memo: dict[tuple[str, int, int, int], str] = {}
-
-
 def content_keys(samples: "Sequence[Sample]") -> list[str]:
     """The sha256 of each sample's file bytes (the feature store's content key).
 
-    Memoised per process on (path, inode, size, mtime), so `iipad run` (deciding whether extract
-    is current) and the extract it calls read each file once; a file rewritten in place gets a
-    new mtime and is hashed again.
+    Through the one digest cache, so `iipad run` (deciding whether extract is current) and the
+    extract it calls read each file once; a file rewritten in place is hashed again.
     """
     from iipad_cli.errors import IipadError
     from iipad_cli.store import content_sha256
@@ -48,13 +44,9 @@ def content_keys(samples: "Sequence[Sample]") -> list[str]:
     keys = []
     for sample in samples:
         try:
-            stat = sample.path.stat()
+            keys.append(content_sha256(sample.path))
         except OSError as error:
             raise IipadError(f"{sample.path}: unreadable image ({error.strerror})") from None
-        memo_key = (str(sample.path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        if memo_key not in _content_memo:
-            _content_memo[memo_key] = content_sha256(sample.path)
-        keys.append(_content_memo[memo_key])
     return keys
 
 

@@ -25,7 +25,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from iipad_cli.artifacts import _fsync_dir, sha256_file
+from iipad_cli.artifacts import _fsync_dir
+from iipad_cli.digests import read_digest, sha256_file
 from iipad_cli.errors import IipadError
 from iipad_cli.store.index import INDEX_FILE, Index, IndexedRow, SegmentRecord, way_out
 from iipad_cli.store.keys import STORE_SCHEMA_VERSION, BackboneKey
@@ -181,12 +182,14 @@ class FeatureStore:
             self._verified.add(segment_id)
 
     @staticmethod
-    def _segment_problem(path: Path, record: SegmentRecord) -> str | None:
+    def _segment_problem(path: Path, record: SegmentRecord, reread: bool = False) -> str | None:
+        """Why a sealed segment cannot be served, or None. `reread` hashes the bytes even when the
+        digest cache knows the file unchanged (verify's full check, which also finds bit rot)."""
         if not path.is_file():
             return "missing"
         if path.stat().st_size != record.bytes:
             return f"damaged (size {path.stat().st_size} bytes, sealed at {record.bytes})"
-        if sha256_file(path) != record.sha256:
+        if (read_digest(path) if reread else sha256_file(path)) != record.sha256:
             return "damaged (sha256 differs from the one recorded when it was sealed)"
         return None
 
@@ -274,7 +277,7 @@ class FeatureStore:
             report.segments_checked += 1
             path = self.root / record.file
             shapes = backbones.get(record.backbone, {}).get("shapes")
-            problem = self._segment_problem(path, record) or self._rows_problem(path, record, shapes, report)
+            problem = self._segment_problem(path, record, reread=True) or self._rows_problem(path, record, shapes, report)
             if problem:
                 report.problems.append(f"{path}: {problem}")
                 damaged.append(record)
@@ -437,7 +440,7 @@ class StoreWriter:
                 file=final.relative_to(self.store.root).as_posix(),
                 rows=len(self._contents),
                 bytes=tmp.stat().st_size,
-                sha256=sha256_file(tmp),
+                sha256=read_digest(tmp),
             )
             # Read-only: a run's features.h5 opened for writing must not write through into the store.
             os.chmod(tmp, 0o444)
