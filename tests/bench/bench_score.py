@@ -134,7 +134,7 @@ def bench_stages(shared_data: Path, device: str) -> dict[str, Any]:
         run = run_extract(
             ExtractOptions(
                 data=shared_data / "mvtec", shots=1, output=root / "run", backbone="tiny",
-                classes=("bottle", "tire"), workers=0, device=device, quiet=True,
+                classes=("bottle", "tire"), workers=0, device=device, quiet=True, cache=root / "store",
             )
         )
         train(run, TrainOptions(epochs=1, prompts=prompts, device=device, quiet=True))
