@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from iipad_cli.artifacts import BANKS_FILE, FEATURES_FILE, GENERATOR_FILE, SCORES_FILE, sha256_file
 from iipad_cli.cli import app
+from iipad_cli.models.backbone import Backbone
 from iipad_cli.schema.banks import load_banks
 from iipad_cli.schema.features import read_split
 from iipad_cli.schema.generator import load_generator, save_generator
@@ -132,6 +133,38 @@ def test_predict_reproduces_scores_and_skips_corrupt_images(run: Path, shared_da
     assert amap.shape == (224, 224) and amap.dtype == np.float32
     assert np.array_equal(amap.astype(np.float16), scores.maps[row])
     assert (out / "000.png").is_file()
+
+
+def test_predict_reads_the_store_and_adds_new_images_to_it(
+    run: Path, shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scores = load_scores(run / SCORES_FILE)
+    rel = "bottle/test/broken_large/000.png"
+    row = scores.path.index(rel)
+    store = json.loads((run / "manifest.json").read_text())["stages"]["extract"]["feature_store"]
+
+    def no_encoder(*_args, **_kwargs):
+        raise AssertionError("an image the store holds must not be encoded")
+
+    monkeypatch.setattr(Backbone, "encode_images", no_encoder)
+    out = tmp_path / "from-store"
+    code, _, stderr = _invoke("predict", str(run), str(shared_data / "mvtec" / rel), "-o", str(out), "--cache", store, "--device", "cpu")
+    assert code == 0, stderr
+    assert "1 of 1 images' features from the feature store" in stderr
+    with (out / "predictions.csv").open() as handle:
+        assert np.float32(float(next(csv.DictReader(handle))["image_score"])) == scores.image_score[row]
+    assert np.array_equal(np.load(out / "000.npy").astype(np.float16), scores.maps[row])
+    monkeypatch.undo()
+
+    # A new image (a training image the run never scored): encoded once, then found.
+    new = str(shared_data / "mvtec" / "tire" / "train" / "good" / "001.png")
+    fresh = tmp_path / "fresh-store"
+    first = _invoke("predict", str(run), new, "-o", str(tmp_path / "a"), "--cache", str(fresh), "--device", "cpu")
+    assert first[0] == 0 and "0 of 1 images' features from the feature store" in first[2]
+    monkeypatch.setattr(Backbone, "encode_images", no_encoder)
+    second = _invoke("predict", str(run), new, "-o", str(tmp_path / "b"), "--cache", str(fresh), "--device", "cpu")
+    assert second[0] == 0 and "1 of 1 images' features from the feature store" in second[2]
+    assert (tmp_path / "a" / "001.npy").read_bytes() == (tmp_path / "b" / "001.npy").read_bytes()
 
 
 def test_predict_fails_when_no_image_can_be_scored(run: Path, tmp_path: Path) -> None:

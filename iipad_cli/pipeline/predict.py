@@ -27,6 +27,7 @@ class PredictOptions:
     device: o.Device = "auto"
     force: o.described(o.Force, "Use banks made from another generator.") = False
     quiet: o.Quiet = False
+    cache: o.Cache = None
 
     def validate(self) -> None:
         at_least("--batch-size", self.batch_size, 1)

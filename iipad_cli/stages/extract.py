@@ -179,7 +179,7 @@ def _current_file(final: Path, attrs: dict[str, Any], copy: bool) -> str | None:
     return f"{len(gone)} store segments gone" if gone else None
 
 
-def _feature_shapes(spec: BackboneSpec) -> FeatureShapes:
+def feature_shapes(spec: BackboneSpec) -> FeatureShapes:
     patches = spec.num_patches
     return FeatureShapes(
         cls_token=(2, spec.embed_dim),
@@ -276,7 +276,7 @@ def _encode_missing(
     weights_note = " (random weights)" if random_weights else ""
     log(f"backbone {spec.backbone_id}{weights_note} on {device}; ViT trunk {trunk}", options.quiet)
     workers = default_workers() if options.workers is None else options.workers
-    shapes = _feature_shapes(spec)
+    shapes = feature_shapes(spec)
     with progress(options.quiet) as bar, store.writer(key, {name: shapes.of(name) for name in FEATURE_FIELDS}) as writer:
         throughput = _Throughput(bar, bar.add_task("extract", total=len(missing), rate=""), time.perf_counter())
         encode_into_store(writer, list(missing.values()), list(missing), backbone, options.batch_size, workers, throughput.advance)
@@ -332,7 +332,7 @@ def run_extract(options: ExtractOptions) -> Path:
         columns = {split: _columns(split, splits[split], options.resolution) for split in SPLITS}
         run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(final) as tmp:
-            write_features_file(tmp, attrs, _feature_shapes(spec), columns, sources, store.read if options.copy else None)
+            write_features_file(tmp, attrs, feature_shapes(spec), columns, sources, store.read if options.copy else None)
     log(f"-> {final}" + (" (self-contained copy)" if options.copy else " (virtual datasets into the feature store)"), options.quiet)
     record_stage(
         run_dir,

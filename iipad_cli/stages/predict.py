@@ -3,7 +3,9 @@
 Each image is preprocessed with the run's backbone spec (data/images.py, as `extract` does), encoded
 by the run's frozen backbone (its weight hashes must equal the ones in features.h5), rounded to the
 fp16 that features.h5 stores, and scored against the run's banks by the same function `score`
-uses — so an image of the run's test split gets exactly its map and score from scores.h5.
+uses — so an image of the run's test split gets exactly its map and score from scores.h5. An
+image whose bytes the feature store (docs/store.md) already holds for the run's backbone key is
+not encoded again; the images it encodes are added to the store.
 
 Each image is then decided with the run's label-free thresholds (RUN/thresholds.json, made by
 `score` from normal images only; `--threshold` / `--pixel-threshold` override them): its category
@@ -16,7 +18,7 @@ image's own size with `--resolution native`), `masks/<name>.png` (the binary mas
 size) and `<name>.png` (image | overlay with a colour bar), plus `predictions.csv` and
 `predict.json` (provenance and the thresholds used).
 A corrupt image is reported on stderr and skipped; the others are still scored. Images stream
-through (decode -> encode -> score -> files), batch by batch; no features are kept.
+through (decode -> encode or look up -> score -> files), batch by batch.
 
 Under torchrun (distributed.py) every rank loads the run's models, scores a contiguous shard of
 whole batches (the batches one process would form, so the numbers are the same) and streams its
@@ -26,6 +28,7 @@ is the input order, into one `predictions.csv` (atomically) and writes `predict.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import shutil
@@ -53,6 +56,7 @@ from iipad_cli.errors import IipadError
 from iipad_cli.pipeline.predict import PredictOptions
 from iipad_cli.pipeline.score import DEFAULT_SIGMA
 from iipad_cli.reporting.inputs import upsample
+from iipad_cli.schema.features import FEATURE_FIELDS
 from iipad_cli.schema.scores import read_scores_attrs
 from iipad_cli.schema.thresholds import THRESHOLDS_FILE, Thresholds, load_thresholds
 from iipad_cli.stages._scoring import (
@@ -64,7 +68,9 @@ from iipad_cli.stages._scoring import (
     load_run_models,
     score_features,
 )
+from iipad_cli.stages.extract import FP32, backbone_key, feature_shapes
 from iipad_cli.stages.score import RANDOM_NOTE, resized_image
+from iipad_cli.store import BackboneKey, FeatureStore, Location, StoreWriter, content_sha256, resolve_cache_dir
 from iipad_cli.thresholds import (
     ANOMALOUS,
     NORMAL,
@@ -204,6 +210,43 @@ class _ShardOutcome:
     labels: dict[str, int]
 
 
+def _run_store_key(models: RunModels) -> BackboneKey | None:
+    """The store key of the run's features, or None for a run whose features.h5 predates the store
+    or was made with another precision (its images are then encoded, not looked up)."""
+    attrs = models.features_attrs
+    key = backbone_key(models.backbone.spec, attrs["weights_sha256"], FP32)
+    return key if attrs.get("store_backbone_key") == key.digest else None
+
+
+def _batch_features(
+    models: RunModels,
+    images: Sequence[torch.Tensor],
+    contents: Sequence[str],
+    stored: dict[str, Location],
+    store: FeatureStore,
+    writer: StoreWriter | None,
+    labels: Sequence[str],
+) -> dict[str, torch.Tensor]:
+    """The batch's features as `score` sees them (fp16 values as float32 on the device): read from
+    the store for the contents it holds, encoded (and added to the store) for the others."""
+    shapes = feature_shapes(models.backbone.spec)
+    arrays = {name: np.empty((len(images), *shapes.of(name)), dtype=np.float16) for name in FEATURE_FIELDS}
+    encode = [i for i, content in enumerate(contents) if content not in stored]
+    if encode:
+        fresh = encode_for_scoring(models, [images[i] for i in encode])
+        check_finite_features(fresh, [labels[i] for i in encode], "predict")
+        for name, values in fresh.items():
+            arrays[name][encode] = values.half().cpu().numpy()
+        if writer is not None:
+            writer.add([contents[i] for i in encode], {name: arrays[name][encode] for name in FEATURE_FIELDS})
+    found = [i for i, content in enumerate(contents) if content in stored]
+    if found:
+        locations = [stored[contents[i]] for i in found]
+        for name in FEATURE_FIELDS:
+            arrays[name][found] = store.read(locations, name)
+    return {name: torch.from_numpy(values).float().to(models.device) for name, values in arrays.items()}
+
+
 def _part_path(out_dir: Path, launch: Launch) -> Path:
     return out_dir / f"{PREDICTIONS_CSV}{PART_INFIX}{launch.rank:05d}-of-{launch.world_size:05d}"
 
@@ -240,15 +283,25 @@ def _predict_shard(
     part = _part_path(out_dir, launch)
     started = time.perf_counter()
     label = "predict" if not launch.distributed else f"predict ({launch})"
-    with atomic_path(part) as tmp, tmp.open("w", newline="") as handle, progress(quiet) as bar:
+    key = _run_store_key(models)
+    store = FeatureStore(resolve_cache_dir(options.cache))
+    from_store = 0
+    with (
+        store,
+        store.writer(key, {n: feature_shapes(spec).of(n) for n in FEATURE_FIELDS}) if key else contextlib.nullcontext() as features_writer,
+        atomic_path(part) as tmp,
+        tmp.open("w", newline="") as handle,
+        progress(quiet) as bar,
+    ):
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, lineterminator="\n")
         task = bar.add_task(label, total=len(shard), rate="")
         for start in range(shard.start, shard.stop, options.batch_size):
             stop = min(start + options.batch_size, shard.stop)
-            batch_paths, batch_names, batch_sizes, images = [], [], [], []
+            batch_paths, batch_names, batch_sizes, images, contents = [], [], [], [], []
             for path, name in zip(paths[start:stop], names[start:stop]):
                 try:
                     tensor, size = preprocess_image(path, spec.image_size)
+                    content = content_sha256(path)
                 except IipadError as error:
                     err_console.print(f"[yellow]skipped:[/] {error}", highlight=False, soft_wrap=True)
                     skipped.append(str(path))
@@ -257,10 +310,14 @@ def _predict_shard(
                 batch_names.append(name)
                 batch_sizes.append(size)
                 images.append(tensor)
+                contents.append(content)
             if images:
-                features = encode_for_scoring(models, images)
                 labels = [str(p) for p in batch_paths]
-                check_finite_features(features, labels, "predict")
+                stored = store.lookup(key, contents) if key else {}
+                store.check_segments(stored.values())
+                # fp16, as features.h5 stores them: the run's test images were scored from those.
+                features = _batch_features(models, images, contents, stored, store, features_writer, labels)
+                from_store += sum(content in stored for content in contents)
                 result = score_features(models, features, labels, top_k=top_k, resolution=resolution, sigma=sigma)
                 for row, (path, name, (width, height)) in enumerate(zip(batch_paths, batch_names, batch_sizes)):
                     amap = result.maps[row].float().cpu().numpy()
@@ -300,6 +357,7 @@ def _predict_shard(
                 scored += len(batch_paths)
             elapsed = time.perf_counter() - started
             bar.update(task, completed=stop - shard.start, rate=f"{scored / elapsed:.1f} img/s" if elapsed > 0 else "")
+    log(f"{from_store} of {scored} images' features from the feature store {store.root}, the others encoded", quiet)
     settings = {
         "backbone_id": str(attrs["backbone_id"]),
         "random_weights": bool(attrs.get("random_weights", False)),
