@@ -316,6 +316,8 @@ class FeatureStore:
     def clear(self, key_prefix: str | None = None) -> tuple[list[str], int]:
         """Remove one backbone key (a unique prefix of its digest) or, with None, everything; returns (keys, bytes freed)."""
         if key_prefix is None:
+            if not self.exists() and not (self.root / SEGMENTS_DIR).exists():
+                return [], 0
             files = self._files() + [p for p in self.root.glob(INDEX_FILE + "*") if p.is_file()]
             freed = sum(p.stat().st_size for p in files)
             keys = list(self.index.backbones()) if self._readable_index() else []
