@@ -279,7 +279,11 @@ def _encode_missing(
     shapes = feature_shapes(spec)
     with progress(options.quiet) as bar, store.writer(key, {name: shapes.of(name) for name in FEATURE_FIELDS}) as writer:
         throughput = _Throughput(bar, bar.add_task("extract", total=len(missing), rate=""), time.perf_counter())
-        encode_into_store(writer, list(missing.values()), list(missing), backbone, options.batch_size, workers, throughput.advance)
+        # One split at a time, in the split's order: with an empty store the batches are the ones a
+        # run always formed, so its fp16 features (batched matmuls round per batch) do not change.
+        for split in SPLITS:
+            part = {content: sample for content, sample in missing.items() if sample.split == split}
+            encode_into_store(writer, list(part.values()), list(part), backbone, options.batch_size, workers, throughput.advance)
     seconds = time.perf_counter() - throughput.started
     log(f"encoded {throughput.images} images in {seconds:.1f} s ({throughput.rate:.2f} images/s) into {store.root}", options.quiet)
     return {"images_per_s": round(throughput.rate, 3), "trunk_shared": backbone.trunk_shared}
