@@ -48,11 +48,14 @@ class ExtractOptions:
     batch_size: o.BatchSize = 8
     workers: o.Workers = None
     device: o.Device = "auto"
-    force: o.described(o.Force, "Replace features made with other options.") = False
+    # fp32 by default: bf16 rounding makes features depend on the batch they were computed in
+    # (docs/protocol.md), so predict would no longer reproduce score's maps bit for bit.
+    precision: o.Precision = "fp32"
+    force: o.described(o.Force, "Replace features made with other options (another precision too).") = False
     quiet: o.Quiet = False
 
     # Recorded, but the features do not depend on them.
-    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"batch_size", "workers", "device"})
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"batch_size", "workers", "device", "precision_requested"})
 
     def validate(self) -> None:
         at_least("--shots", self.shots, 1)
@@ -60,6 +63,13 @@ class ExtractOptions:
         at_least("--batch-size", self.batch_size, 1)
         if self.workers is not None:
             at_least("--workers", self.workers, 0)
+        self.resolved_precision()
+
+    def resolved_precision(self) -> str:
+        """--precision as the features are computed: "fp32" or "bf16" (auto decided for --device)."""
+        from iipad_cli.devices import resolve_device, resolve_precision
+
+        return resolve_precision(self.precision, resolve_device(self.device))
 
     def recorded(self, dataset: "Dataset") -> dict[str, Any]:
         """The options as RUN/manifest.json records them (paths resolved by the data layout)."""
@@ -77,6 +87,9 @@ class ExtractOptions:
             "batch_size": self.batch_size,
             "workers": default_workers() if self.workers is None else self.workers,
             "device": self.device,
+            # The features depend on the precision they were computed in, not on how it was asked for.
+            "precision": self.resolved_precision(),
+            "precision_requested": self.precision,
         }
 
     def key(self, run_dir: Path) -> dict[str, Any]:

@@ -29,13 +29,20 @@ from iipad_cli.config import CLIP_MEAN, CLIP_STD, BackboneSpec
 from iipad_cli.data.images import MASK_THRESHOLD, load_mask, preprocess_image
 from iipad_cli.data.layouts import Dataset, Sample, load_dataset
 from iipad_cli.data.shots import select_shots, shot_files
-from iipad_cli.devices import resolve_device
+from iipad_cli.devices import bf16_units, describe_precision, resolve_device
 from iipad_cli.errors import IipadError
 from iipad_cli.models.backbone import Backbone
 from iipad_cli.checkpoints import find_weights, load_backbone
 from iipad_cli.models.registry import get_spec
 from iipad_cli.pipeline.extract import ExtractOptions, default_run_dir, default_workers, listing_digest
-from iipad_cli.schema.features import FEATURE_FIELDS, FeatureShapes, FeaturesWriter, differing_attrs, read_attrs
+from iipad_cli.schema.features import (
+    ATTR_DEFAULTS,
+    FEATURE_FIELDS,
+    FeatureShapes,
+    FeaturesWriter,
+    differing_attrs,
+    read_attrs,
+)
 from iipad_cli.ui import log, progress
 
 PARTIAL_SUFFIX = ".partial"
@@ -112,7 +119,9 @@ def _weights_attrs(spec: BackboneSpec, weights_dir: Path | None) -> dict[str, An
     return {"weights_sha256": sorted([sha256_file(paths.clip), sha256_file(paths.qformer)]), "random_weights": False}
 
 
-def _file_attrs(options: ExtractOptions, dataset: Dataset, spec: BackboneSpec, shots: Sequence[Sample]) -> dict[str, Any]:
+def _file_attrs(
+    options: ExtractOptions, dataset: Dataset, spec: BackboneSpec, shots: Sequence[Sample], precision: str
+) -> dict[str, Any]:
     """Root attributes of the features file, except the weight hashes (`_weights_attrs`)."""
     files = {cls: [asdict(f) for f in entries] for cls, entries in shot_files(shots).items()}
     return {
@@ -124,6 +133,7 @@ def _file_attrs(options: ExtractOptions, dataset: Dataset, spec: BackboneSpec, s
         "memory_layers": list(spec.memory_layers),
         "image_size": spec.image_size,
         "grid_size": spec.grid_size,
+        "precision": precision,
         "resolution": options.resolution,
         "shots": options.shots,
         "seed": options.seed,
@@ -147,7 +157,7 @@ def _file_attrs(options: ExtractOptions, dataset: Dataset, spec: BackboneSpec, s
 def _describe_difference(path: Path, stored: dict[str, Any], expected: dict[str, Any], keys: list[str]) -> str:
     key = keys[0]
     more = f" (and {', '.join(keys[1:])})" if len(keys) > 1 else ""
-    return f"{path}: made with {key} {stored.get(key)!r}, not {expected[key]!r}{more}; pass --force to replace it"
+    return f"{path}: made with {key} {stored.get(key, ATTR_DEFAULTS.get(key))!r}, not {expected[key]!r}{more}; pass --force to replace it"
 
 
 def _refuse_other_options(path: Path, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -273,7 +283,9 @@ def run_extract(options: ExtractOptions) -> Path:
     dataset = load_dataset(options.data, options.layout, options.classes)
     shots = select_shots(dataset, options.shots, options.shot_policy, options.seed)
     spec = get_spec(options.backbone)
-    attrs = _file_attrs(options, dataset, spec, shots)
+    device = resolve_device(options.device)
+    precision = options.resolved_precision()
+    attrs = _file_attrs(options, dataset, spec, shots, precision)
     run_dir = Path(options.output) if options.output is not None else default_run_dir(dataset.root, options.shots)
     final = run_dir / FEATURES_FILE
     partial = run_dir / (FEATURES_FILE + PARTIAL_SUFFIX)
@@ -286,11 +298,10 @@ def run_extract(options: ExtractOptions) -> Path:
         log(f"{final}: up to date (same options), nothing to do", options.quiet)
         return run_dir
 
-    device = resolve_device(options.device)
-    backbone = load_backbone(spec, options.weights, device)
+    backbone = load_backbone(spec, options.weights, device, precision)
     trunk = "shared by CLIP and the Q-Former" if backbone.trunk_shared else "not shared (Q-Former runs its own tower)"
     weights_note = " (random weights)" if attrs["random_weights"] else ""
-    log(f"backbone {spec.backbone_id}{weights_note} on {device}; ViT trunk {trunk}", options.quiet)
+    log(f"backbone {spec.backbone_id}{weights_note} on {device}, {describe_precision(precision, device)}; ViT trunk {trunk}", options.quiet)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     splits = {"train": list(shots), "test": list(dataset.test)}
@@ -316,7 +327,13 @@ def run_extract(options: ExtractOptions) -> Path:
         inputs={},
         outputs={FEATURES_FILE: sha256_file(final)},
         seconds=time.perf_counter() - started,
-        extra={"images": throughput.images, "images_per_s": round(rate, 3), "trunk_shared": backbone.trunk_shared},
+        extra={
+            "images": throughput.images,
+            "images_per_s": round(rate, 3),
+            "trunk_shared": backbone.trunk_shared,
+            "precision": precision,
+            "bf16_units": bf16_units(device),
+        },
     )
     return run_dir
 

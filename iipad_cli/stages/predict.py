@@ -53,6 +53,7 @@ from iipad_cli.errors import IipadError
 from iipad_cli.pipeline.predict import PredictOptions
 from iipad_cli.pipeline.score import DEFAULT_SIGMA
 from iipad_cli.reporting.inputs import upsample
+from iipad_cli.schema.features import FEATURE_FIELDS, features_precision
 from iipad_cli.schema.scores import read_scores_attrs
 from iipad_cli.schema.thresholds import THRESHOLDS_FILE, Thresholds, load_thresholds
 from iipad_cli.stages._scoring import (
@@ -222,7 +223,14 @@ def _predict_shard(
     disk, so memory does not grow with the number of images."""
     quiet = options.quiet or not launch.is_main
     models = attach_banks(
-        load_run_models(run_dir, weights=options.weights, device=device, force=options.force, hash_features=False),
+        load_run_models(
+            run_dir,
+            weights=options.weights,
+            device=device,
+            force=options.force,
+            hash_features=False,
+            precision=options.resolved_precision(device),
+        ),
         options.force,
     )
     assert models.banks is not None
@@ -318,6 +326,8 @@ def _predict_shard(
         },
         "generator_sha256": models.generator_sha,
         "banks_sha256": models.banks_sha,
+        "precision": models.backbone.precision,
+        "features_precision": features_precision(models.features_attrs),
         "overlay_scale": list(scale) if scale is not None else "per image",
         "note": note,
     }
