@@ -28,7 +28,8 @@ class QFormerConfig:
     vision_heads: int = 16
     vision_mlp: int = 4096
     # LAVIS trained the vision LayerNorms with eps 1e-5; it is also the value that makes trunk
-    # sharing with open_clip exact (backbones.md).
+    # sharing with open_clip exact (backbones.md). The released runtime's config says 1e-6; the
+    # measured effect of the difference is in docs/protocol.md (numeric departures).
     vision_ln_eps: float = 1e-5
     hidden: int = 768
     layers: int = 12

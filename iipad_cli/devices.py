@@ -71,3 +71,13 @@ def resolve_precision(name: str, device: torch.device, flags: frozenset[str] | N
     if name == "auto":
         return "bf16" if bf16_units(device, flags) is not None else "fp32"
     return name
+
+
+def describe_precision(precision: str, device: torch.device) -> str:
+    """One phrase for the log: "bf16 matmuls (CPU flags avx512_bf16)", or a warning when bf16 is emulated."""
+    if precision == "fp32":
+        return "fp32"
+    units = bf16_units(device)
+    if units is None:
+        return "bf16 matmuls WITHOUT native bf16 units on this device (emulated: slower than fp32)"
+    return f"bf16 matmuls ({units})"

@@ -87,6 +87,14 @@ Classes = Annotated[
 ShotPolicy = Annotated[
     str, typer.Option(help="random (seeded by --seed) or official (sorted train/good, indices 0, 3, 6, 9).")
 ]
+Precision = Annotated[
+    str,
+    typer.Option(
+        help="Matmul precision of the image encoders: fp32 (the released code's numerics), bf16, or auto "
+        "(bf16 where the device has bf16 units: CUDA capability >= 8.0, or CPU flags amx_bf16 / "
+        "avx512_bf16; else fp32)."
+    ),
+]
 MaskResolution = Annotated[int, typer.Option(help="Side of the stored ground-truth masks (evaluation resolution).")]
 Workers = Annotated[
     Optional[int],

@@ -62,3 +62,12 @@ def test_only_selects_benchmarks(tmp_path: Path) -> None:
     benches = json.loads(out.read_text())["benchmarks"]
     assert benches == {"peak": benches["peak"], "protocol": {"status": "missing"}}
     assert benches["peak"]["result"]["quick"] is False
+
+
+def test_summary_states_the_bf16_peak_and_its_ratio(tmp_path: Path) -> None:
+    stub = STUB.replace('{"peak_gflops": VALUE, "quick": args.quick}', '{"peak_gflops": 100.0, "peaks_gflops": {"fp32": 100.0, "bf16": 225.0}}')
+    _write(tmp_path, "peak", stub)
+    proc = _run(tmp_path, tmp_path / "report.json", "--only", "peak")
+    assert proc.returncode == 0, proc.stderr
+    assert "fp32 GEMM peak: 100 GFLOP/s" in proc.stdout
+    assert "bf16 GEMM peak: 225 GFLOP/s (2.25x fp32)" in proc.stdout

@@ -53,7 +53,9 @@ def _invoke(*args: str):
 
 
 def _options(data: Path, out: Path, **changes) -> ExtractOptions:
-    base = ExtractOptions(data=data, shots=1, output=out, backbone="tiny", workers=0, device="cpu", quiet=True)
+    # fp32 (the default, stated): these tests compare stored features bit for bit with a direct
+    # fp32 forward; test_bf16_* below cover the bf16 path.
+    base = ExtractOptions(data=data, shots=1, output=out, backbone="tiny", workers=0, device="cpu", precision="fp32", quiet=True)
     return replace(base, **changes)
 
 
@@ -413,3 +415,42 @@ def test_check_features_compatible(tmp_path: Path, shared_data: Path) -> None:
     with pytest.raises(IipadError, match=r"made with vv_layers \[2, 3, 4, 5\], not \[6, 12, 18, 24\]"):
         check_features_compatible(attrs, path=path, vv_layers=(6, 12, 18, 24))
     check_features_compatible(attrs, path=path, backbone_id="vit-l-14", force=True)
+
+
+def test_bf16_features_are_recorded_and_within_the_bound_of_fp32(shared_data: Path, tmp_path: Path, tiny_backbone: Backbone) -> None:
+    """The stored bf16 features against the direct fp32 forward: the documented bound on `tiny`
+    (test_precision.py) plus fp16 storage, per feature over the whole split."""
+    data = shared_data / "visa"
+    run_extract(_options(data, tmp_path / "run", classes=("tile_b",), precision="bf16"))
+    path = tmp_path / "run" / "features.h5"
+    assert read_attrs(path)["precision"] == "bf16"
+    extract = json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"]["extract"]
+    assert extract["options"]["precision"] == "bf16" and extract["precision"] == "bf16"
+    stored = read_split(path, "test")
+    direct = _direct(tiny_backbone, data, stored["path"])
+    for name in FEATURES:
+        got, expected = stored[name].astype(np.float64), direct[name].astype(np.float64)
+        relative = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+        assert 0 < relative <= 1e-3 + 1e-3, name  # bf16 bound + two fp16 roundings (2e-4 each)
+
+
+def test_another_precision_is_refused_unless_forced(shared_data: Path, tmp_path: Path) -> None:
+    args = [str(shared_data / "visa"), "-k", "1", "--backbone", "tiny", "-o", str(tmp_path / "run"), "--workers", "0",
+            "--classes", "tile_b", "--device", "cpu", "-q"]
+    assert _invoke(*args, "--precision", "bf16").exit_code == 0
+    final = tmp_path / "run" / "features.h5"
+    refused = _invoke(*args, "--precision", "fp32")
+    assert refused.exit_code == 1
+    assert refused.stderr.strip() == f"error: {final}: made with precision 'bf16', not 'fp32'; pass --force to replace it"
+    assert read_attrs(final)["precision"] == "bf16"
+    assert _invoke(*args, "--precision", "fp32", "--force").exit_code == 0
+    assert read_attrs(final)["precision"] == "fp32"
+    bad = _invoke(*args, "--precision", "fp16")
+    assert bad.exit_code == 1 and "unknown precision 'fp16'" in bad.stderr
+
+
+@pytest.mark.parametrize(("flags", "expected"), [(frozenset(), "fp32"), (frozenset({"avx512f", "avx512_bf16"}), "bf16")])
+def test_auto_precision_follows_the_cpu(monkeypatch: pytest.MonkeyPatch, flags: frozenset[str], expected: str) -> None:
+    monkeypatch.setattr("iipad_cli.devices.cpu_flags", lambda *args: flags)
+    options = _options(Path("unused"), Path("unused"), precision="auto")
+    assert options.resolved_precision() == expected

@@ -236,3 +236,39 @@ def test_predict_inputs_expand_directories_and_globs_and_names_stay_unique(tmp_p
         expand_inputs([str(tmp_path / "missing" / "*.png")])
     with pytest.raises(IipadError, match="no images"):
         expand_inputs([str(tmp_path / "b")])
+
+
+def test_precision_is_recorded_in_every_artifact(run: Path) -> None:
+    from iipad_cli.schema.banks import read_banks_metadata
+    from iipad_cli.schema.features import read_attrs
+    from iipad_cli.schema.generator import read_generator_metadata
+    from iipad_cli.schema.scores import read_scores_attrs
+
+    precision = "fp32"  # the default
+    extract = json.loads((run / "manifest.json").read_text())["stages"]["extract"]
+    assert extract["options"]["precision"] == precision and extract["options"]["precision_requested"] == "fp32"
+    assert extract["precision"] == precision
+    assert read_attrs(run / FEATURES_FILE)["precision"] == precision
+    assert read_generator_metadata(run / GENERATOR_FILE)["precision"] == precision
+    assert read_banks_metadata(run / BANKS_FILE)["precision"] == precision
+    assert read_scores_attrs(run / SCORES_FILE)["precision"] == precision
+
+
+def test_predict_encodes_in_the_runs_precision_and_refuses_another(run: Path, shared_data: Path, tmp_path: Path) -> None:
+    image = str(shared_data / "mvtec" / "tire" / "test" / "cut" / "000.png")
+    precision, other = "fp32", "bf16"
+    code, _, stderr = _invoke("predict", str(run), image, "-o", str(tmp_path / "same"), "--quiet", "--device", "cpu")
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "same" / "predict.json").read_text())["precision"] == precision
+    code, _, stderr = _invoke(
+        "predict", str(run), image, "-o", str(tmp_path / "other"), "--precision", other, "--quiet", "--device", "cpu"
+    )
+    assert code == 1
+    assert f"{run / FEATURES_FILE}: features computed in {precision}, not {other}" in stderr
+    assert not (tmp_path / "other" / "predictions.csv").exists()
+    code, _, stderr = _invoke(
+        "predict", str(run), image, "-o", str(tmp_path / "forced"), "--precision", other, "--force", "--quiet", "--device", "cpu"
+    )
+    assert code == 0, stderr
+    recorded = json.loads((tmp_path / "forced" / "predict.json").read_text())
+    assert recorded["precision"] == other and recorded["features_precision"] == precision

@@ -74,14 +74,17 @@ class ExtractOptions:
     batch_size: o.BatchSize = 8
     workers: o.Workers = None
     device: o.Device = "auto"
-    force: o.described(o.Force, "Replace features made with other options.") = False
+    # fp32 by default: bf16 rounding makes features depend on the batch they were computed in
+    # (docs/protocol.md), so predict would no longer reproduce score's maps bit for bit.
+    precision: o.Precision = "fp32"
+    force: o.described(o.Force, "Replace features made with other options (another precision too).") = False
     quiet: o.Quiet = False
     cache: o.Cache = None
     copy: o.Copy = False
 
     # Recorded, but the features do not depend on them (the store holds the same features
-    # wherever it is).
-    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"batch_size", "workers", "device", "cache"})
+    # wherever it is; the precision counts as resolved, not as asked for).
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"batch_size", "workers", "device", "cache", "precision_requested"})
 
     def validate(self) -> None:
         at_least("--shots", self.shots, 1)
@@ -89,6 +92,13 @@ class ExtractOptions:
         at_least("--batch-size", self.batch_size, 1)
         if self.workers is not None:
             at_least("--workers", self.workers, 0)
+        self.resolved_precision()
+
+    def resolved_precision(self) -> str:
+        """--precision as the features are computed: "fp32" or "bf16" (auto decided for --device)."""
+        from iipad_cli.devices import resolve_device, resolve_precision
+
+        return resolve_precision(self.precision, resolve_device(self.device))
 
     def splits(self, dataset: "Dataset") -> "dict[str, list[Sample]]":
         """The images a run reads: the K shots per class (train) and the test set."""
@@ -118,6 +128,9 @@ class ExtractOptions:
             "device": self.device,
             "copy": self.copy,
             "cache": str(self.cache) if self.cache is not None else None,
+            # The features depend on the precision they were computed in, not on how it was asked for.
+            "precision": self.resolved_precision(),
+            "precision_requested": self.precision,
         }
 
     def key(self, run_dir: Path) -> dict[str, Any]:

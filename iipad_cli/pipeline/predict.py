@@ -1,13 +1,16 @@
 """The options of `iipad predict` (not a pipeline stage: it reads a finished run, writes elsewhere)."""
 
 from dataclasses import dataclass
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from iipad_cli import options as o
 from iipad_cli.pipeline.score import DEFAULT_BATCH
 from iipad_cli.pipeline.stage import at_least, one_of
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -25,10 +28,32 @@ class PredictOptions:
     batch_size: o.BatchSize = DEFAULT_BATCH
     weights: o.Weights = None
     device: o.Device = "auto"
-    force: o.described(o.Force, "Use banks made from another generator.") = False
+    precision: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Matmul precision of the image encoders: auto, fp32 or bf16 (default: the precision of the "
+            "run's features; another one needs --force).",
+            show_default=False,
+        ),
+    ] = None
+    force: o.described(
+        o.Force, "Use banks made from another generator, or encode in another precision than the run's features."
+    ) = False
     quiet: o.Quiet = False
     cache: o.Cache = None
 
     def validate(self) -> None:
         at_least("--batch-size", self.batch_size, 1)
         one_of("--resolution", self.resolution, ("224", "native"))
+        if self.precision is not None:
+            from iipad_cli.devices import PRECISIONS
+
+            one_of("--precision", self.precision, PRECISIONS)
+
+    def resolved_precision(self, device: "torch.device") -> Optional[str]:
+        """"fp32"/"bf16" for an explicit --precision on `device`; None = as the run's features."""
+        if self.precision is None:
+            return None
+        from iipad_cli.devices import resolve_precision
+
+        return resolve_precision(self.precision, device)

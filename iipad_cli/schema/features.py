@@ -47,9 +47,12 @@ IDENTITY_ATTRS = (
     "samples_sha256",
     "content_sha256",
     "schema_version",
+    "precision",
 )
 # Rows copied from the store per read when a self-contained file is written.
 COPY_ROWS = 32
+# The value an identity attribute has in files written before it existed (features were fp32).
+ATTR_DEFAULTS = {"precision": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -315,9 +318,18 @@ def load_features_attrs(path: Path) -> dict[str, Any]:
     return attrs
 
 
+def features_precision(attrs: Mapping[str, Any]) -> str:
+    """The precision a features file was computed in (files from before `--precision` are fp32)."""
+    return str(attrs.get("precision", ATTR_DEFAULTS["precision"]))
+
+
 def differing_attrs(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
     """Names of the identity attributes whose stored and expected values differ."""
-    return [key for key in IDENTITY_ATTRS if key in expected and stored.get(key) != expected[key]]
+    return [
+        key
+        for key in IDENTITY_ATTRS
+        if key in expected and stored.get(key, ATTR_DEFAULTS.get(key)) != expected[key]
+    ]
 
 
 def check_features_compatible(

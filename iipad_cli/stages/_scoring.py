@@ -26,7 +26,7 @@ from iipad_cli.models.prompt_generator import PromptGenerator
 from iipad_cli.checkpoints import load_backbone
 from iipad_cli.models.registry import get_spec
 from iipad_cli.schema.banks import Banks, load_banks, read_banks_metadata
-from iipad_cli.schema.features import FEATURE_FIELDS, check_backbone_weights, load_features_attrs, open_features
+from iipad_cli.schema.features import FEATURE_FIELDS, check_backbone_weights, features_precision, load_features_attrs, open_features
 from iipad_cli.schema.generator import load_generator
 
 
@@ -61,12 +61,20 @@ def _refuse(condition: bool, message: str, force: bool) -> None:
 
 
 def load_run_models(
-    run_dir: Path, *, weights: Path | None, device: torch.device, force: bool, hash_features: bool = True
+    run_dir: Path,
+    *,
+    weights: Path | None,
+    device: torch.device,
+    force: bool,
+    hash_features: bool = True,
+    precision: str | None = None,
 ) -> RunModels:
     """Features attributes, the generator (eval mode) and the backbone of a run, checked together.
 
     Refuses a generator trained for another backbone or on another features file. `predict` skips
-    hashing the (large) features file and relies on the generator/banks hashes instead.
+    hashing the (large) features file and relies on the generator/banks hashes instead. The image
+    encoders run in the precision the run's features were computed in; another `precision`
+    ("fp32"/"bf16", resolved) is refused unless `force`, so fp32 and bf16 features never mix.
     """
     run_dir = Path(run_dir)
     features_path = run_dir / FEATURES_FILE
@@ -85,7 +93,14 @@ def load_run_models(
         f"{generator_path}: trained on another {FEATURES_FILE} (it changed or comes from another run)",
         force,
     )
-    backbone = load_backbone(get_spec(backbone_id), weights, device)
+    run_precision = features_precision(attrs)
+    wanted = run_precision if precision is None else precision
+    _refuse(
+        wanted != run_precision,
+        f"{features_path}: features computed in {run_precision}, not {wanted} (fp32 and bf16 features must not mix)",
+        force,
+    )
+    backbone = load_backbone(get_spec(backbone_id), weights, device, wanted)
     check_backbone_weights(features_path, dict(attrs.get("weights", {})), backbone.weights, backbone_id)
     backbone.text_encoder.eval()
     return RunModels(

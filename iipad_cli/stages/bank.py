@@ -20,7 +20,7 @@ from iipad_cli.errors import IipadError
 from iipad_cli.models.anomaly import instance_prompts, normalise
 from iipad_cli.pipeline.bank import BankOptions
 from iipad_cli.schema.banks import Banks, save_banks
-from iipad_cli.schema.features import read_split
+from iipad_cli.schema.features import features_precision, read_split
 from iipad_cli.stages._scoring import check_finite_features, features_to_device, load_run_models
 from iipad_cli.ui import log
 
@@ -71,6 +71,7 @@ def build_banks(run_dir: Path, options: BankOptions) -> Path:
         banks,
         provenance(
             backbone_id=str(attrs["backbone_id"]),
+            precision=features_precision(attrs),
             weights=attrs.get("weights", {}),
             random_weights=bool(attrs.get("random_weights", False)),
             preset=models.preset.to_json(),

@@ -65,6 +65,8 @@ def run_demo(
         weights=weights,
         seed=seed,
         device=device,
+        # fp32 everywhere: the demo's numbers must not depend on whether this CPU or GPU has bf16 units.
+        precision="fp32",
         heatmaps=True,
         epochs=epochs,
         quiet=quiet,

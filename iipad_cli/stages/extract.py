@@ -31,13 +31,14 @@ from iipad_cli.config import CLIP_MEAN, CLIP_STD, BackboneSpec
 from iipad_cli.data.images import MASK_THRESHOLD, load_mask, oriented_size, preprocess_image
 from iipad_cli.data.layouts import Dataset, Sample, load_dataset
 from iipad_cli.data.shots import shot_files
-from iipad_cli.devices import resolve_device
+from iipad_cli.devices import bf16_units, describe_precision, resolve_device
 from iipad_cli.errors import IipadError
 from iipad_cli.models.backbone import Backbone
 from iipad_cli.checkpoints import find_weights, load_backbone
 from iipad_cli.models.registry import get_spec
 from iipad_cli.pipeline.extract import ExtractOptions, content_digest, content_keys, default_run_dir, default_workers, listing_digest
 from iipad_cli.schema.features import (
+    ATTR_DEFAULTS,
     FEATURE_FIELDS,
     SPLITS,
     FeatureShapes,
@@ -48,10 +49,6 @@ from iipad_cli.schema.features import (
 )
 from iipad_cli.store import BackboneKey, FeatureStore, Location, StoreWriter, resolve_cache_dir
 from iipad_cli.ui import log, progress
-
-# Numeric precision of the encoders' forward pass, part of the store's backbone key.
-FP32 = "fp32"
-
 
 @dataclass(frozen=True)
 class _Item:
@@ -117,7 +114,9 @@ def backbone_key(spec: BackboneSpec, weights_sha256: Sequence[str], precision: s
     return BackboneKey.for_backbone(spec.backbone_id, spec.to_json(), list(weights_sha256), spec.image_size, precision)
 
 
-def _file_attrs(options: ExtractOptions, dataset: Dataset, spec: BackboneSpec, shots: Sequence[Sample]) -> dict[str, Any]:
+def _file_attrs(
+    options: ExtractOptions, dataset: Dataset, spec: BackboneSpec, shots: Sequence[Sample], precision: str
+) -> dict[str, Any]:
     """Root attributes of the features file, except the weight hashes (`_weights_attrs`)."""
     files = {cls: [asdict(f) for f in entries] for cls, entries in shot_files(shots).items()}
     return {
@@ -129,6 +128,7 @@ def _file_attrs(options: ExtractOptions, dataset: Dataset, spec: BackboneSpec, s
         "memory_layers": list(spec.memory_layers),
         "image_size": spec.image_size,
         "grid_size": spec.grid_size,
+        "precision": precision,
         "resolution": options.resolution,
         "shots": options.shots,
         "seed": options.seed,
@@ -152,7 +152,7 @@ def _file_attrs(options: ExtractOptions, dataset: Dataset, spec: BackboneSpec, s
 def _describe_difference(path: Path, stored: dict[str, Any], expected: dict[str, Any], keys: list[str]) -> str:
     key = keys[0]
     more = f" (and {', '.join(keys[1:])})" if len(keys) > 1 else ""
-    return f"{path}: made with {key} {stored.get(key)!r}, not {expected[key]!r}{more}; pass --force to replace it"
+    return f"{path}: made with {key} {stored.get(key, ATTR_DEFAULTS.get(key))!r}, not {expected[key]!r}{more}; pass --force to replace it"
 
 
 def _refuse_other_options(path: Path, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -267,14 +267,20 @@ def _columns(split: str, samples: Sequence[Sample], resolution: int) -> dict[str
 
 
 def _encode_missing(
-    store: FeatureStore, key: BackboneKey, missing: dict[str, Sample], spec: BackboneSpec, options: ExtractOptions, random_weights: bool
+    store: FeatureStore,
+    key: BackboneKey,
+    missing: dict[str, Sample],
+    spec: BackboneSpec,
+    options: ExtractOptions,
+    random_weights: bool,
+    precision: str,
 ) -> dict[str, Any]:
     """Load the backbone and encode the images the store lacks; returns the manifest's rate figures."""
     device = resolve_device(options.device)
-    backbone = load_backbone(spec, options.weights, device)
+    backbone = load_backbone(spec, options.weights, device, precision)
     trunk = "shared by CLIP and the Q-Former" if backbone.trunk_shared else "not shared (Q-Former runs its own tower)"
     weights_note = " (random weights)" if random_weights else ""
-    log(f"backbone {spec.backbone_id}{weights_note} on {device}; ViT trunk {trunk}", options.quiet)
+    log(f"backbone {spec.backbone_id}{weights_note} on {device}, {describe_precision(precision, device)}; ViT trunk {trunk}", options.quiet)
     workers = default_workers() if options.workers is None else options.workers
     shapes = feature_shapes(spec)
     with progress(options.quiet) as bar, store.writer(key, {name: shapes.of(name) for name in FEATURE_FIELDS}) as writer:
@@ -297,7 +303,8 @@ def run_extract(options: ExtractOptions) -> Path:
     spec = get_spec(options.backbone)
     splits = options.splits(dataset)
     shots = splits["train"]
-    attrs = _file_attrs(options, dataset, spec, shots)
+    precision = options.resolved_precision()
+    attrs = _file_attrs(options, dataset, spec, shots, precision)
     attrs["content_sha256"] = content_digest(splits)
     run_dir = Path(options.output) if options.output is not None else default_run_dir(dataset.root, options.shots)
     final = run_dir / FEATURES_FILE
@@ -314,7 +321,7 @@ def run_extract(options: ExtractOptions) -> Path:
             return run_dir
         log(f"{final}: writing it again ({reason})", options.quiet)
 
-    key = backbone_key(spec, attrs["weights_sha256"], FP32)
+    key = backbone_key(spec, attrs["weights_sha256"], precision)
     attrs["store_backbone_key"] = key.digest
     contents = {split: content_keys(samples) for split, samples in splits.items()}
     needed: dict[str, Sample] = {}
@@ -326,7 +333,7 @@ def run_extract(options: ExtractOptions) -> Path:
         stored = store.lookup(key, needed)
         missing = {content: sample for content, sample in needed.items() if content not in stored}
         log(f"{len(needed)} distinct images: {len(needed) - len(missing)} in the feature store {store.root}, {len(missing)} to encode", options.quiet)
-        rates = _encode_missing(store, key, missing, spec, options, attrs["random_weights"]) if missing else {}
+        rates = _encode_missing(store, key, missing, spec, options, attrs["random_weights"], precision) if missing else {}
         locations = store.lookup(key, needed)
         lost = [needed[content].path for content in needed if content not in locations]
         if lost:
@@ -351,6 +358,8 @@ def run_extract(options: ExtractOptions) -> Path:
             "feature_store": str(store.root),
             "store_backbone_key": key.digest,
             **rates,
+            "precision": precision,
+            "bf16_units": bf16_units(resolve_device(options.device)),
         },
     )
     return run_dir

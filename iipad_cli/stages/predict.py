@@ -28,7 +28,6 @@ is the input order, into one `predictions.csv` (atomically) and writes `predict.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import glob
 import shutil
@@ -56,7 +55,7 @@ from iipad_cli.errors import IipadError
 from iipad_cli.pipeline.predict import PredictOptions
 from iipad_cli.pipeline.score import DEFAULT_SIGMA
 from iipad_cli.reporting.inputs import upsample
-from iipad_cli.schema.features import FEATURE_FIELDS
+from iipad_cli.schema.features import FEATURE_FIELDS, features_precision
 from iipad_cli.schema.scores import read_scores_attrs
 from iipad_cli.schema.thresholds import THRESHOLDS_FILE, Thresholds, load_thresholds
 from iipad_cli.stages._scoring import (
@@ -68,7 +67,7 @@ from iipad_cli.stages._scoring import (
     load_run_models,
     score_features,
 )
-from iipad_cli.stages.extract import FP32, backbone_key, feature_shapes
+from iipad_cli.stages.extract import backbone_key, feature_shapes
 from iipad_cli.stages.score import RANDOM_NOTE, resized_image
 from iipad_cli.store import BackboneKey, FeatureStore, Location, StoreWriter, content_sha256, resolve_cache_dir
 from iipad_cli.thresholds import (
@@ -210,12 +209,10 @@ class _ShardOutcome:
     labels: dict[str, int]
 
 
-def _run_store_key(models: RunModels) -> BackboneKey | None:
-    """The store key of the run's features, or None for a run whose features.h5 predates the store
-    or was made with another precision (its images are then encoded, not looked up)."""
-    attrs = models.features_attrs
-    key = backbone_key(models.backbone.spec, attrs["weights_sha256"], FP32)
-    return key if attrs.get("store_backbone_key") == key.digest else None
+def _store_key(models: RunModels) -> BackboneKey:
+    """The store key of the features predict computes: the run's backbone and weights, in the
+    precision the encoders run in here (the run's own unless --precision with --force)."""
+    return backbone_key(models.backbone.spec, models.features_attrs["weights_sha256"], models.backbone.precision)
 
 
 def _batch_features(
@@ -224,7 +221,7 @@ def _batch_features(
     contents: Sequence[str],
     stored: dict[str, Location],
     store: FeatureStore,
-    writer: StoreWriter | None,
+    writer: StoreWriter,
     labels: Sequence[str],
 ) -> dict[str, torch.Tensor]:
     """The batch's features as `score` sees them (fp16 values as float32 on the device): read from
@@ -237,8 +234,7 @@ def _batch_features(
         check_finite_features(fresh, [labels[i] for i in encode], "predict")
         for name, values in fresh.items():
             arrays[name][encode] = values.half().cpu().numpy()
-        if writer is not None:
-            writer.add([contents[i] for i in encode], {name: arrays[name][encode] for name in FEATURE_FIELDS})
+        writer.add([contents[i] for i in encode], {name: arrays[name][encode] for name in FEATURE_FIELDS})
     found = [i for i, content in enumerate(contents) if content in stored]
     if found:
         locations = [stored[contents[i]] for i in found]
@@ -265,7 +261,14 @@ def _predict_shard(
     disk, so memory does not grow with the number of images."""
     quiet = options.quiet or not launch.is_main
     models = attach_banks(
-        load_run_models(run_dir, weights=options.weights, device=device, force=options.force, hash_features=False),
+        load_run_models(
+            run_dir,
+            weights=options.weights,
+            device=device,
+            force=options.force,
+            hash_features=False,
+            precision=options.resolved_precision(device),
+        ),
         options.force,
     )
     assert models.banks is not None
@@ -283,12 +286,12 @@ def _predict_shard(
     part = _part_path(out_dir, launch)
     started = time.perf_counter()
     label = "predict" if not launch.distributed else f"predict ({launch})"
-    key = _run_store_key(models)
+    key = _store_key(models)
     store = FeatureStore(resolve_cache_dir(options.cache))
     from_store = 0
     with (
         store,
-        store.writer(key, {n: feature_shapes(spec).of(n) for n in FEATURE_FIELDS}) if key else contextlib.nullcontext() as features_writer,
+        store.writer(key, {n: feature_shapes(spec).of(n) for n in FEATURE_FIELDS}) as features_writer,
         atomic_path(part) as tmp,
         tmp.open("w", newline="") as handle,
         progress(quiet) as bar,
@@ -313,7 +316,7 @@ def _predict_shard(
                 contents.append(content)
             if images:
                 labels = [str(p) for p in batch_paths]
-                stored = store.lookup(key, contents) if key else {}
+                stored = store.lookup(key, contents)
                 store.check_segments(stored.values())
                 # fp16, as features.h5 stores them: the run's test images were scored from those.
                 features = _batch_features(models, images, contents, stored, store, features_writer, labels)
@@ -376,6 +379,8 @@ def _predict_shard(
         },
         "generator_sha256": models.generator_sha,
         "banks_sha256": models.banks_sha,
+        "precision": models.backbone.precision,
+        "features_precision": features_precision(models.features_attrs),
         "overlay_scale": list(scale) if scale is not None else "per image",
         "note": note,
     }

@@ -35,7 +35,7 @@ from iipad_cli.data.images import load_rgb
 from iipad_cli.devices import resolve_device
 from iipad_cli.errors import IipadError
 from iipad_cli.pipeline.score import ScoreOptions
-from iipad_cli.schema.features import read_split
+from iipad_cli.schema.features import features_precision, read_split
 from iipad_cli.schema.scores import load_scores, write_scores
 from iipad_cli.schema.thresholds import THRESHOLDS_FILE, write_thresholds
 from iipad_cli.stages._scoring import (
@@ -94,6 +94,7 @@ def score_run(run_dir: Path, options: ScoreOptions) -> Path:
         "bank_paths": json.dumps(models.banks.paths),
         "image_score_formula": models.preset.image_score,
         "backbone_id": str(attrs["backbone_id"]),
+        "precision": features_precision(attrs),
         "random_weights": random_weights,
         "shots": int(attrs["shots"]),
         "seed": int(attrs.get("seed", 0)),

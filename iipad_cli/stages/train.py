@@ -37,7 +37,7 @@ from iipad_cli.checkpoints import load_backbone
 from iipad_cli.models.registry import get_spec
 from iipad_cli.pipeline.train import SCHEDULES, TrainOptions, effective_preset, recorded_options
 from iipad_cli.prompts import manual_prompt_embeddings, select_prompts
-from iipad_cli.schema.features import check_backbone_weights, load_features_attrs, read_split
+from iipad_cli.schema.features import check_backbone_weights, features_precision, load_features_attrs, read_split
 from iipad_cli.schema.generator import read_generator_metadata, save_generator
 from iipad_cli.ui import log, progress
 
@@ -233,6 +233,7 @@ def train(run_dir: Path, options: TrainOptions) -> TrainResult:
             "training": training,
             "features_sha256": features_sha,
             "backbone_id": backbone_id,
+            "precision": features_precision(attrs),
             "random_weights": backbone.random_weights,
             "final_losses": final_losses,
             "manual_prompts": prompts.summary(),

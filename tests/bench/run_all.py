@@ -103,6 +103,9 @@ def summary_lines(report: dict) -> list[str]:
     peak = report["benchmarks"].get("peak", {}).get("result", {}).get("peak_gflops")
     if peak:
         lines.append(f"fp32 GEMM peak: {peak:.0f} GFLOP/s")
+    bf16_peak = report["benchmarks"].get("peak", {}).get("result", {}).get("peaks_gflops", {}).get("bf16")
+    if peak and bf16_peak:
+        lines.append(f"bf16 GEMM peak: {bf16_peak:.0f} GFLOP/s ({bf16_peak / peak:.2f}x fp32)")
     protocol = report["benchmarks"].get("protocol", {}).get("result")
     if protocol:
         rate = protocol["rates"].get("extract_b8_shared", {})
