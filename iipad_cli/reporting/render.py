@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from iipad_cli.reporting.columns import CAPTION, LABELS
+from iipad_cli.reporting.columns import CAPTION, HEADERS
 from iipad_cli.reporting.decisions import csv_columns
 
 
@@ -51,7 +51,7 @@ def to_table(document: dict[str, Any]) -> Table:
     table = Table(title=document["title"], caption=CAPTION)
     table.add_column("class")
     for key in keys:
-        table.add_column(LABELS[key], justify="right")
+        table.add_column(HEADERS[key], justify="right")
     multi = "runs" in document
     for name, cells in document["classes"].items():
         table.add_row(name, *[_cell(cells[key], multi) for key in keys])
@@ -61,7 +61,7 @@ def to_table(document: dict[str, Any]) -> Table:
         mean = document["mean"]
         table.add_row(
             "mean",
-            *[f"{_percent(mean[k]['value'])} ({mean[k]['classes']}/{mean[k]['of']} classes)" for k in keys],
+            *[f"{_percent(mean[k]['value'])} ({mean[k]['classes']}/{mean[k]['of']})" for k in keys],
             style="bold",
         )
     return table
