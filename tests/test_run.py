@@ -62,6 +62,19 @@ def test_demo_end_to_end(demo: tuple[Path, object]) -> None:
     assert document["info"]["random_weights"] is True
     assert sorted(document["classes"]) == ["granite", "weave", "wood"]
     assert all(stage == "ran: not run yet" for stage in _last_run_stages(run_dir).values())
+    assert (out / "report.html").is_file() and str(out / "report.html") in result.stderr
+
+
+def test_demo_report_renders_in_a_browser(demo: tuple[Path, object], tmp_path: Path) -> None:
+    """`iipad demo` writes demo/report.html: each class's curves, histogram and 3 + 3 worst cases."""
+    from test_report import assert_renders, parse
+
+    report = demo[0] / "report.html"
+    html = report.read_text(encoding="utf-8")
+    assert all(f'id="class-{name}"' in html for name in ("granite", "weave", "wood"))
+    assert len(parse(html).images) == 3 * (3 + 3)
+    assert "random weights" in html
+    assert_renders(report, tmp_path)
 
 
 def test_demo_defects_are_found_with_random_weights(demo: tuple[Path, object]) -> None:
