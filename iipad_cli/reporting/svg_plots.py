@@ -132,7 +132,7 @@ def _marker(axes: _Axes, marker: Marker, row: int) -> list[str]:
     return [
         f'<line x1="{x}" y1="{_number(top)}" x2="{x}" y2="{_number(bottom)}" stroke="{marker.colour}" stroke-width="1.5"{dash}/>',
         f'<text x="{x}" dx="{offset}" y="{_number(top + 11 + 11 * row)}" text-anchor="{anchor}" fill="{marker.colour}" '
-        f'class="marker">{escape(marker.label)}</text>',
+        f'class="marker" paint-order="stroke" stroke="#ffffff" stroke-width="3">{escape(marker.label)}</text>',
     ]
 
 
