@@ -68,6 +68,12 @@ def two_runs(tmp_path: Path) -> tuple[list[Path], list[dict]]:
     return runs, written
 
 
+def section(html: str, name: str) -> str:
+    """The card of one class."""
+    start = html.index(f'<section class="card" id="class-{name}">')
+    return html[start : html.index("</section>", start)]
+
+
 def write(runs: list[Path], output: Path, **options: object) -> str:
     write_report(runs, output, ReportOptions(quiet=True, **options))  # type: ignore[arg-type]
     return output.read_text(encoding="utf-8")
@@ -375,3 +381,14 @@ def test_the_check_catches_a_broken_image_and_console_output(tmp_path: Path) -> 
     assert check["images"] == 1 and check["decoded"] == 0
     assert any("boom" in seen for seen in check["seen"])
     assert any(":CONSOLE" in line for line in stderr.splitlines())
+
+
+def test_a_class_missing_from_a_run_keeps_each_runs_colour(tmp_path: Path) -> None:
+    rows = make_data(tmp_path / "data")
+    make_run(tmp_path / "a", tmp_path / "data", {"beta": rows["beta"]}, seed=0)
+    make_run(tmp_path / "b", tmp_path / "data", rows, seed=1)
+    html = write([tmp_path / "a", tmp_path / "b"], tmp_path / "report.html", gallery=0)
+    alpha = section(html, "alpha")
+    assert alpha.count("<polyline") == 2 + 2 + 1  # run b only: image + pixel ROC and PR, PRO
+    colours = re.findall(r'<polyline points="[^"]*" fill="none" stroke="([^"]+)"', alpha)
+    assert colours == ["#D55E00"] * 5  # run b's colour, as in every other class

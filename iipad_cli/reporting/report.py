@@ -105,18 +105,21 @@ def _load(directories: Sequence[Path], options: ReportOptions) -> list[_Run]:
     return runs
 
 
-def _curves(data: ClassData) -> page.RunCurves:
+def _curves(data: ClassData | None) -> page.RunCurves:
+    """A run's curves of one class (all None where the class is not in that run)."""
+    if data is None:
+        return page.RunCurves(None, None, None, None, None)
     labels = np.asarray(data.labels)
     image = metrics.rank_counts(labels, data.image_scores) if 0 < labels.sum() < labels.size else None
     pixel = metrics.pixel_counts(data.maps, data.masks) if data.maps is not None and data.masks is not None else None
     if pixel is not None and (pixel.num_positives == 0 or pixel.num_negatives == 0):
         pixel = None
     return page.RunCurves(
-        image_roc=metrics.roc_curve(image) if image else None,
-        image_pr=metrics.pr_curve(image) if image else None,
-        pixel_roc=metrics.roc_curve(pixel) if pixel else None,
-        pixel_pr=metrics.pr_curve(pixel) if pixel else None,
-        pro=metrics.pro_curve(pixel) if pixel and pixel.num_regions else None,
+        image_roc=metrics.roc_curve(image) if image is not None else None,
+        image_pr=metrics.pr_curve(image) if image is not None else None,
+        pixel_roc=metrics.roc_curve(pixel) if pixel is not None else None,
+        pixel_pr=metrics.pr_curve(pixel) if pixel is not None else None,
+        pro=metrics.pro_curve(pixel) if pixel is not None and pixel.num_regions else None,
     )
 
 
@@ -212,7 +215,7 @@ def build(directories: Sequence[Path], options: ReportOptions) -> page.Report:
         classes.append(
             page.ClassReport(
                 name=name,
-                curves=tuple(_curves(data) for data in per_run if data is not None),
+                curves=tuple(_curves(data) for data in per_run),  # by run index: a run's colour is fixed
                 histograms=tuple(_histogram(run, data) for run, data in zip(runs, per_run) if data is not None),
                 gallery=tuple(gallery.get(name, [])),
             )
