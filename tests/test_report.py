@@ -24,6 +24,8 @@ from iipad_cli.reporting import page
 from iipad_cli.reporting import svg_plots as svg
 from iipad_cli.reporting.report import write_report
 from iipad_cli.reporting.report_options import ReportOptions
+from iipad_cli.schema.thresholds import THRESHOLDS_FILE, Thresholds, write_thresholds
+from iipad_cli.thresholds import CategoryThreshold
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -143,17 +145,23 @@ def test_gallery_shows_lowest_anomalous_and_highest_normal(tmp_path: Path, two_r
 
 def test_label_free_thresholds_are_drawn_when_the_run_has_them(tmp_path: Path, two_runs: tuple[list[Path], list[dict]]) -> None:
     runs, written = two_runs
-    # As `iipad score` writes it (iipad-thresholds/1): per category, and the bank rows' categories.
-    document = {
-        "schema": "iipad-thresholds/1",
-        "image_score_formula": "",
-        "categories": {
-            "alpha": {"count": 2, "image_mean": 1.0, "image_threshold": 2.5, "pixel_threshold": 3.0},
-            "beta": {"count": 2, "image_mean": 1.0, "image_threshold": 1000.0, "pixel_threshold": 3.0},
+    # Written as `iipad score` writes it: per category, and the bank rows' categories.
+    thresholds = Thresholds(
+        method="test",
+        z=3.0,
+        pooled_std=0.5,
+        categories={
+            "alpha": CategoryThreshold(count=2, image_mean=1.0, image_threshold=2.5, pixel_threshold=3.0),
+            "beta": CategoryThreshold(count=2, image_mean=1.0, image_threshold=1000.0, pixel_threshold=3.0),
         },
-        "bank_classes": ["beta"],  # make_run retrieves bank row 0 for every image
-    }
-    (runs[0] / "thresholds.json").write_text(json.dumps(document))
+        images=[],
+        bank_classes=["beta"],  # make_run retrieves bank row 0 for every image
+        image_score_formula="",  # make_run's scores.h5 records no formula
+        top_k=1,
+        sigma=4.0,
+        resolution=16,
+    )
+    write_thresholds(runs[0] / THRESHOLDS_FILE, thresholds)
     html = write(runs[:1], tmp_path / "report.html", gallery=1)
     alpha = html[html.index('id="class-alpha"') : html.index('id="class-beta"')]
     assert "label-free 2.5</text>" in alpha and "label-free threshold (from normal images only)" in alpha
@@ -162,7 +170,7 @@ def test_label_free_thresholds_are_drawn_when_the_run_has_them(tmp_path: Path, t
     gamma = html[html.index('id="class-gamma"') :]
     assert "label-free" not in gamma.split("Worst misses")[0]  # no category gamma: no line
     # Without the file nothing is drawn, and the page says so.
-    (runs[0] / "thresholds.json").unlink()
+    (runs[0] / THRESHOLDS_FILE).unlink()
     html = write(runs[:1], tmp_path / "report.html", gallery=1)
     assert "label-free " not in html.replace("no label-free thresholds", "")
     assert "no label-free thresholds" in html

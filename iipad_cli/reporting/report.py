@@ -30,29 +30,15 @@ from iipad_cli.reporting.document import ClassData, build_document, combine_runs
 from iipad_cli.reporting.inputs import load_run, run_info
 from iipad_cli.reporting.render import table_cells
 from iipad_cli.reporting.report_options import ReportOptions
+from iipad_cli.schema.thresholds import THRESHOLDS_FILE, Thresholds, load_thresholds
 from iipad_cli.ui import log
 from iipad_cli.viz import heatmap_figure
 
-THRESHOLDS_FILE = "thresholds.json"
 RANDOM_WEIGHTS_NOTE = (
     "These scores come from a backbone with random weights (tiny): the report checks the plumbing, "
     "it does not show the method's accuracy."
 )
 JPEG_QUALITY = 85
-
-
-@dataclass(frozen=True)
-class LabelFree:
-    """A run's label-free image thresholds per category, and each bank row's category.
-
-    A test image is judged by the threshold of its category: the class of its top-1 retrieved
-    bank image (known without labels; usually the image's own class)."""
-
-    image_thresholds: dict[str, float]
-    bank_classes: list[str]
-
-    def category_of(self, retrieved_top1: int) -> str | None:
-        return self.bank_classes[retrieved_top1] if 0 <= retrieved_top1 < len(self.bank_classes) else None
 
 
 @dataclass
@@ -64,25 +50,19 @@ class _Run:
     document: dict[str, Any]
     classes: list[ClassData]
     attrs: dict[str, Any]
-    label_free: LabelFree | None  # None when the run has no thresholds.json
+    label_free: Thresholds | None  # None when the run has no thresholds.json (or one for another score)
 
 
-def _label_free_thresholds(run_dir: Path, image_score_formula: str) -> LabelFree | None:
-    """The label-free thresholds in RUN/thresholds.json (iipad score writes it), or None.
+def _label_free_thresholds(run_dir: Path, image_score_formula: str) -> Thresholds | None:
+    """The label-free thresholds `iipad score` wrote to RUN/thresholds.json, or None.
 
-    They are only drawn when they were derived for the same image-score formula as the stored
-    scores (always the case for a run `score` wrote in one go)."""
+    They are drawn only when derived for the same image-score formula as the stored scores (always
+    the case for a run `score` wrote in one go)."""
     path = run_dir / THRESHOLDS_FILE
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data["image_score_formula"] != image_score_formula:
-            return None
-        thresholds = {str(name): float(value["image_threshold"]) for name, value in data["categories"].items()}
-        return LabelFree(thresholds, [str(name) for name in data["bank_classes"]])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise IipadError(f"{path}: unreadable thresholds document ({type(error).__name__}: {error})") from None
+    thresholds = load_thresholds(path)
+    return thresholds if thresholds.image_score_formula == image_score_formula else None
 
 
 def _run_labels(directories: Sequence[Path]) -> list[str]:
@@ -126,8 +106,9 @@ def _curves(data: ClassData | None) -> page.RunCurves:
 def _histogram(run: _Run, data: ClassData) -> page.Histogram:
     labels = np.asarray(data.labels)
     markers = []
-    if run.label_free is not None and data.name in run.label_free.image_thresholds:
-        markers.append(page.label_free_marker(run.label_free.image_thresholds[data.name]))
+    # The class's own category: the threshold its images meet when they retrieve their own class.
+    if run.label_free is not None and data.name in run.label_free.categories:
+        markers.append(page.label_free_marker(run.label_free.categories[data.name].image_threshold))
     best = metrics.f1_max(labels, data.image_scores)
     if not math.isnan(best.threshold):
         markers.append(page.f1_max_marker(best.threshold))
@@ -185,16 +166,14 @@ def _gallery(run: _Run, count: int) -> dict[str, list[page.GalleryItem]]:
     return gallery
 
 
-def _verdict(label_free: LabelFree | None, retrieved_top1: int, score: float) -> str:
-    """What the label-free threshold of the image's category decides ("" without thresholds)."""
+def _verdict(label_free: Thresholds | None, retrieved_top1: int, score: float) -> str:
+    """What the label-free threshold of the image's category (the class of its top-1 retrieved
+    bank image, as `predict` decides) says about it; "" without thresholds."""
     if label_free is None:
         return ""
-    category = label_free.category_of(retrieved_top1)
-    if category is None or category not in label_free.image_thresholds:
-        return ""
-    threshold = label_free.image_thresholds[category]
-    judged = "anomalous" if score > threshold else "normal"
-    return f"judged {judged} by the label-free threshold {threshold:.4g} of category {category}"
+    levels = label_free.levels(retrieved_top1)
+    judged = "anomalous" if score > levels.image else "normal"
+    return f"judged {judged} by the label-free threshold {levels.image:.4g} of category {levels.category}"
 
 
 def build(directories: Sequence[Path], options: ReportOptions) -> page.Report:
