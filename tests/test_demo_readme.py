@@ -40,9 +40,9 @@ def printed_table(stderr: str) -> tuple[list[str], dict[str, list[str]]]:
 
 def test_readme_demo_table_parses() -> None:
     header, rows = readme_table()
-    assert header[0] == "class" and len(header) == 5
+    assert header[0] == "class" and len(header) == 8
     assert list(rows) == ["granite", "weave", "wood", "mean"]
-    assert all(len(cells) == 4 for cells in rows.values())
+    assert all(len(cells) == 7 for cells in rows.values())
 
 
 @pytest.mark.skipif(
@@ -66,5 +66,5 @@ def test_readme_quotes_what_the_demo_prints(tmp_path: Path) -> None:
         assert title in header, f"README column {title!r} is not printed by the demo: {header}"
         index = header.index(title) - 1
         for name, cells in readme_rows.items():
-            # The mean cell reads "87.5 (3/3 classes)"; the README quotes the number.
+            # The mean cell reads "87.5 (3/3)"; the README quotes the number.
             assert rows[name][index].split(" ")[0] == cells[column], f"{name} / {title}"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
-from test_metrics import reference_au_pro, reference_legacy_pro
+from test_metrics import reference_au_pro, reference_legacy_pro, sklearn_f1_max
 from typer.testing import CliRunner
 
 from iipad_cli.artifacts import METRICS_CSV, METRICS_JSON, read_manifest, sha256_file
@@ -140,8 +140,11 @@ def test_json_matches_independent_computation_and_schema(tmp_path: Path, data_ro
     assert code == 0, err
     doc = json.loads(out)
     assert set(doc) == {"schema", "source", "info", "evaluation", "metrics", "labels", "classes", "mean", "warnings", "title", "at_threshold"}
-    assert doc["schema"] == "iipad-metrics/1"
-    assert doc["metrics"] == ["image_auroc", "image_aupr_sklearn_stepwise_ap", "pixel_auroc", "au_pro"]
+    assert doc["schema"] == "iipad-metrics/2"
+    assert doc["metrics"] == [
+        "image_auroc", "image_aupr_sklearn_stepwise_ap", "image_f1_max",
+        "pixel_auroc", "pixel_aupr_sklearn_stepwise_ap", "pixel_f1_max", "au_pro",
+    ]  # fmt: skip
     assert "step-wise" in doc["labels"]["image_aupr_sklearn_stepwise_ap"]
     assert doc["evaluation"] == {"resolution": f"{R}x{R}", "image_score": "stored", "pro_limit": 0.3, "pro_variant": "exact"}
     assert doc["info"]["random_weights"] is True and "random weights" in doc["title"]
@@ -151,12 +154,15 @@ def test_json_matches_independent_computation_and_schema(tmp_path: Path, data_ro
         cell = doc["classes"][name]
         assert cell["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
         assert cell["image_aupr_sklearn_stepwise_ap"] == pytest.approx(average_precision_score(labels, scores), abs=1e-9)
+        assert cell["image_f1_max"] == pytest.approx(sklearn_f1_max(labels, scores), abs=1e-9)
         gt, maps = written["gt"][rows_of], written["maps"][rows_of]
         assert cell["pixel_auroc"] == pytest.approx(roc_auc_score(gt.ravel(), maps.ravel()), abs=1e-9)
+        assert cell["pixel_aupr_sklearn_stepwise_ap"] == pytest.approx(average_precision_score(gt.ravel(), maps.ravel()), abs=1e-9)
+        assert cell["pixel_f1_max"] == pytest.approx(sklearn_f1_max(gt.ravel(), maps.ravel()), abs=1e-9)
         assert cell["au_pro"] == pytest.approx(reference_au_pro(list(maps), list(gt), 0.3), abs=1e-6)
         assert (cell["images"], cell["anomalous"], cell["pixel_metrics"]) == (6, 3, True)
     gamma = doc["classes"]["gamma"]
-    assert gamma["image_auroc"] is None and gamma["au_pro"] is None and gamma["pixel_metrics"] is False
+    assert all(gamma[key] is None for key in doc["metrics"]) and gamma["pixel_metrics"] is False
     assert any("gamma" in w and "one label" in w for w in doc["warnings"])
     mean = doc["mean"]["image_auroc"]
     assert mean["classes"] == 2 and mean["of"] == 3
@@ -171,7 +177,10 @@ def test_csv_has_header_and_mean_row(tmp_path: Path, data_root: tuple[Path, dict
     code, out, _ = invoke(str(tmp_path / "run"), "--csv", "-q")
     assert code == 0
     table = list(csv.reader(io.StringIO(out)))
-    assert table[0] == ["class", "image_auroc", "image_aupr_sklearn_stepwise_ap", "pixel_auroc", "au_pro", "images", "anomalous"]
+    assert table[0] == [
+        "class", "image_auroc", "image_aupr_sklearn_stepwise_ap", "image_f1_max",
+        "pixel_auroc", "pixel_aupr_sklearn_stepwise_ap", "pixel_f1_max", "au_pro", "images", "anomalous",
+    ]  # fmt: skip
     assert [row[0] for row in table[1:]] == ["alpha", "beta", "gamma", "mean", "mean_classes_covered"]
     assert table[3][1] == "nan"
     assert (tmp_path / "run" / METRICS_CSV).read_text() == out
@@ -186,17 +195,20 @@ def test_several_runs_give_mean_and_std(tmp_path: Path, data_root: tuple[Path, d
     code, out, err = invoke(*map(str, runs), "--json", "-q")
     assert code == 0, err
     doc = json.loads(out)
-    values = [d["classes"]["alpha"]["pixel_auroc"] for d in single]
-    cell = doc["classes"]["alpha"]["pixel_auroc"]
-    assert cell["per_run"] == values
-    assert cell["mean"] == pytest.approx(sum(values) / 3)
-    assert cell["std"] == pytest.approx(math.sqrt(sum((v - cell["mean"]) ** 2 for v in values) / 2))
+    for key in ("pixel_auroc", "image_f1_max", "pixel_aupr_sklearn_stepwise_ap", "pixel_f1_max"):
+        values = [d["classes"]["alpha"][key] for d in single]
+        cell = doc["classes"]["alpha"][key]
+        assert cell["per_run"] == values
+        assert cell["mean"] == pytest.approx(sum(values) / 3)
+        assert cell["std"] == pytest.approx(math.sqrt(sum((v - cell["mean"]) ** 2 for v in values) / 2))
     assert doc["info"]["seed"] == [0, 1, 2]
     code, table, _ = invoke(*map(str, runs), "--table", "-q")
     table = " ".join(table.split())
     assert code == 0 and "±" in table and "seeds 0/1/2" in table and "random weights" in table
     code, out, _ = invoke(*map(str, runs), "--csv", "-q")
     assert out.splitlines()[0].startswith("class,image_auroc_mean,image_auroc_std,")
+    assert ",pixel_f1_max_mean,pixel_f1_max_std," in out.splitlines()[0]
+    assert table.count("F1-max") >= 3  # image and pixel column headers, and the caption
 
 
 def test_missing_scores_is_a_one_line_error(tmp_path: Path) -> None:
@@ -288,6 +300,9 @@ def test_maps_of_any_method(tmp_path: Path, data_root: tuple[Path, dict]) -> Non
     labels = [int("crack" in s) for s in stems]
     assert beta["image_auroc"] == pytest.approx(roc_auc_score(labels, [v.max() for v in values]), abs=1e-9)
     assert beta["pixel_auroc"] == pytest.approx(roc_auc_score(np.ravel(truth), np.ravel(values)), abs=1e-9)
+    assert beta["image_f1_max"] == pytest.approx(sklearn_f1_max(np.array(labels), np.array([v.max() for v in values])), abs=1e-9)
+    assert beta["pixel_aupr_sklearn_stepwise_ap"] == pytest.approx(average_precision_score(np.ravel(truth), np.ravel(values)), abs=1e-9)
+    assert beta["pixel_f1_max"] == pytest.approx(sklearn_f1_max(np.ravel(truth), np.ravel(values)), abs=1e-9)
     assert beta["au_pro"] == pytest.approx(reference_au_pro(values, truth, 0.3), abs=1e-6)
     scores_csv = tmp_path / "scores.csv"
     given = rng.normal(size=len(stems))

@@ -62,6 +62,19 @@ def test_demo_end_to_end(demo: tuple[Path, object]) -> None:
     assert document["info"]["random_weights"] is True
     assert sorted(document["classes"]) == ["granite", "weave", "wood"]
     assert all(stage == "ran: not run yet" for stage in _last_run_stages(run_dir).values())
+    assert (out / "report.html").is_file() and str(out / "report.html") in result.stderr
+
+
+def test_demo_report_renders_in_a_browser(demo: tuple[Path, object], tmp_path: Path) -> None:
+    """`iipad demo` writes demo/report.html: each class's curves, histogram and 3 + 3 worst cases."""
+    from test_report import assert_renders, parse
+
+    report = demo[0] / "report.html"
+    html = report.read_text(encoding="utf-8")
+    assert all(f'id="class-{name}"' in html for name in ("granite", "weave", "wood"))
+    assert len(parse(html).images) == 3 * (3 + 3)
+    assert "random weights" in html
+    assert_renders(report, tmp_path)
 
 
 def test_demo_defects_are_found_with_random_weights(demo: tuple[Path, object]) -> None:
@@ -82,7 +95,7 @@ def test_second_run_redoes_nothing_and_gives_the_same_metrics(demo: tuple[Path, 
     assert _stage_entries(run_dir) == before
     assert _last_run_stages(run_dir) == {stage: "skipped: current" for stage in STAGES}
     assert sha256_file(run_dir / METRICS_JSON) == metrics_before
-    assert "image AUROC" in result.stderr
+    assert "AUROC" in result.stderr and "F1-max" in result.stderr  # the table (headers wrap at 80 columns)
 
 
 def test_a_cached_run_reads_each_file_at_most_once(demo: tuple[Path, object], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,7 +22,7 @@ from iipad_cli.errors import IipadError
 from iipad_cli.ui import err_console
 
 # One entry per module in this package; the order is the order of `iipad --help`.
-COMMAND_MODULES: tuple[str, ...] = ("extract", "train", "bank", "score", "metrics", "run", "predict", "demo", "weights", "cache")
+COMMAND_MODULES: tuple[str, ...] = ("extract", "train", "bank", "score", "metrics", "report", "run", "predict", "demo", "weights", "cache")
 
 
 def report_error(error: IipadError) -> typer.Exit:

@@ -30,8 +30,10 @@ def demo_command(
     to OUTPUT/data; nothing is downloaded. With the default tiny backbone the weights are
     random, so the table is a plumbing check (the memory bank still finds the defects), not
     the method's accuracy. With the tiny backbone `--device auto` means the CPU, with
-    machine-independent kernels, so the table is the same on every x86-64 machine. Prints the
-    run directory on stdout; the table and the heatmaps' location go to stderr.
+    machine-independent kernels, so the table is the same on every x86-64 machine. Also writes
+    OUTPUT/report.html (`iipad report` of the run: curves, score histograms and the worst cases;
+    open it in a browser). Prints the run directory on stdout; the table and where the heatmaps
+    and the report are go to stderr.
     """
     from iipad_cli.stages.demo import run_demo, show_demo_summary
 

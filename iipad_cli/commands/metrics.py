@@ -1,4 +1,4 @@
-"""`iipad metrics`: AUROC / AUPR / AU-PRO per class and mean, as a table, JSON or CSV on stdout."""
+"""`iipad metrics`: AUROC / AP / F1-max / AU-PRO per class and mean, as a table, JSON or CSV on stdout."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def metrics_command(
     ] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="CSV with a header row.", metavar="")] = False,
 ) -> None:
-    """Image AUROC, image AUPR (sklearn step-wise average precision), pixel AUROC and AU-PRO.
+    """Image AUROC, AP and F1-max; pixel AUROC, AP and F1-max; AU-PRO (AP = sklearn step-wise average precision).
 
     Per class and the unweighted mean over classes; NaN classes are left out and the mean says how many it covers. Each run also gets RUN/metrics.json and RUN/metrics.csv (docs/metrics.md).
 

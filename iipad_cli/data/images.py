@@ -14,13 +14,16 @@ Nearest-neighbour would keep thin defects more often but would not match publish
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from iipad_cli.config import CLIP_MEAN, CLIP_STD
 from iipad_cli.errors import IipadError
+
+if TYPE_CHECKING:
+    import torch
 
 # Modes holding more than 8 bits per sample; PIL's own convert("L") clips them instead of scaling.
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
@@ -67,6 +70,9 @@ def load_rgb(path: Path) -> Image.Image:
 
 def normalise(image: Image.Image, image_size: int) -> torch.Tensor:
     """(3, S, S) float32: bicubic squash, /255, (x - mean) / std, as torchvision's ToTensor + Normalize."""
+    # Imported here: reading images and masks (metrics --resolution native, report) needs no torch.
+    import torch
+
     resized = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
     tensor = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1).contiguous()
     tensor = tensor.to(torch.float32).div(255)

@@ -15,7 +15,7 @@ import numpy as np
 from iipad_cli import metrics
 from iipad_cli.errors import IipadError
 from iipad_cli.pipeline.metrics import EvaluateOptions
-from iipad_cli.reporting.columns import IMAGE_AP, IMAGE_AUROC, LABELS, PIXEL_AUROC, SCHEMA
+from iipad_cli.reporting.columns import IMAGE_AP, IMAGE_AUROC, IMAGE_F1_MAX, LABELS, PIXEL_AP, PIXEL_AUROC, PIXEL_F1_MAX, SCHEMA
 from iipad_cli.reporting.decisions import combine_threshold_sections
 from iipad_cli.ui import log
 
@@ -51,11 +51,14 @@ def _number(value: float) -> float | None:
 
 def evaluate_class(data: ClassData, options: EvaluateOptions, warn: Callable[[str], None]) -> dict[str, Any]:
     """The metric values of one class (None = NaN or not available) and its image counts."""
-    pro_key = options.metric_keys()[3]
+    pro_key = options.metric_keys()[-1]
     values: dict[str, float | None] = {
         IMAGE_AUROC: _number(metrics.roc_auc(data.labels, data.image_scores)),
         IMAGE_AP: _number(metrics.average_precision(data.labels, data.image_scores)),
+        IMAGE_F1_MAX: _number(metrics.f1_max(data.labels, data.image_scores).value),
         PIXEL_AUROC: None,
+        PIXEL_AP: None,
+        PIXEL_F1_MAX: None,
         pro_key: None,
     }
     anomalous = int(data.labels.sum())
@@ -65,8 +68,11 @@ def evaluate_class(data: ClassData, options: EvaluateOptions, warn: Callable[[st
         if anomalous:
             warn(f"class {data.name}: no ground-truth masks for its anomalies; image metrics only")
     else:
+        # One streamed pass over the maps serves every exact pixel metric (iipad_cli/metrics.py).
         counts = metrics.pixel_counts(data.maps, data.masks)
         values[PIXEL_AUROC] = _number(metrics.pixel_auroc_from_counts(counts))
+        values[PIXEL_AP] = _number(metrics.average_precision_from_counts(counts))
+        values[PIXEL_F1_MAX] = _number(metrics.f1_max_from_counts(counts).value)
         if options.pro_variant == "exact":
             values[pro_key] = _number(metrics.au_pro_from_counts(counts, options.pro_limit))
         else:

@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from iipad_cli.reporting.columns import CAPTION, LABELS
+from iipad_cli.reporting.columns import CAPTION, HEADERS
 from iipad_cli.reporting.decisions import csv_columns
 
 
@@ -45,25 +45,32 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
-def to_table(document: dict[str, Any]) -> Table:
-    """A Rich table in percent; cells of several runs read `mean ± std`."""
+def table_cells(document: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The header and the rows (classes, then `mean`) in percent; cells of several runs read
+    `mean ± std`, the single-run mean says how many classes it covers. The Rich table and the
+    HTML report both show these."""
     keys = document["metrics"]
-    table = Table(title=document["title"], caption=CAPTION)
-    table.add_column("class")
-    for key in keys:
-        table.add_column(LABELS[key], justify="right")
+    header = ["class", *[HEADERS[key] for key in keys]]
     multi = "runs" in document
-    for name, cells in document["classes"].items():
-        table.add_row(name, *[_cell(cells[key], multi) for key in keys])
+    rows = [[name, *[_cell(cells[key], multi) for key in keys]] for name, cells in document["classes"].items()]
+    mean = document["mean"]
     if multi:
-        table.add_row("mean", *[_cell(document["mean"][key], True) for key in keys], style="bold")
+        rows.append(["mean", *[_cell(mean[key], True) for key in keys]])
     else:
-        mean = document["mean"]
-        table.add_row(
-            "mean",
-            *[f"{_percent(mean[k]['value'])} ({mean[k]['classes']}/{mean[k]['of']} classes)" for k in keys],
-            style="bold",
-        )
+        rows.append(["mean", *[f"{_percent(mean[k]['value'])} ({mean[k]['classes']}/{mean[k]['of']})" for k in keys]])
+    return header, rows
+
+
+def to_table(document: dict[str, Any]) -> Table:
+    """A Rich table of `table_cells`, the mean row in bold."""
+    header, rows = table_cells(document)
+    table = Table(title=document["title"], caption=CAPTION)
+    table.add_column(header[0])
+    for name in header[1:]:
+        table.add_column(name, justify="right")
+    for row in rows[:-1]:
+        table.add_row(*row)
+    table.add_row(*rows[-1], style="bold")
     return table
 
 

@@ -13,6 +13,7 @@ from iipad_cli.ui import err_console, log
 DEMO_SHOTS = 2
 DEMO_DEFAULT_EPOCHS = 5
 DEMO_DATA_DIR = "data"
+DEMO_REPORT = "report.html"
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class DemoResult:
     data_dir: Path
     run: RunResult
     heatmaps_dir: Path
+    report: Path
 
 
 def run_demo(
@@ -35,11 +37,13 @@ def run_demo(
     force: bool = False,
     cache: Path | None = None,
 ) -> DemoResult:
-    """Build the procedurally generated demo data into OUT/data and run the pipeline on it.
+    """Build the procedurally generated demo data into OUT/data, run the pipeline on it and write
+    the HTML report of the run to OUT/report.html.
 
     The run directory is `OUT/run-<backbone>`, so a random-weights demo and a real-weights one sit
     side by side. The data set is rebuilt every time (about a second, byte-identical for a seed),
-    so cached stages stay current across demo invocations.
+    so cached stages stay current across demo invocations. The report is rewritten every time
+    (a few seconds; the same bytes for the same run).
 
     The tiny demo runs on the CPU (`auto` means cpu for it: at this size a GPU adds nothing) with
     machine-independent kernels on one thread, so it prints the README's numbers on every x86-64
@@ -47,6 +51,8 @@ def run_demo(
     """
     from iipad_cli.demo_data import build_demo_dataset
     from iipad_cli.determinism import pin_cpu_kernels
+    from iipad_cli.reporting.report import write_report
+    from iipad_cli.reporting.report_options import ReportOptions
 
     if backbone == "tiny" and device == "auto":
         device = "cpu"
@@ -74,7 +80,8 @@ def run_demo(
         cache=cache,
     )
     result = run_pipeline(options)
-    return DemoResult(data_dir=data_dir, run=result, heatmaps_dir=result.run_dir / HEATMAPS_DIR)
+    report = write_report([result.run_dir], out_dir / DEMO_REPORT, ReportOptions(quiet=quiet))
+    return DemoResult(data_dir=data_dir, run=result, heatmaps_dir=result.run_dir / HEATMAPS_DIR, report=report)
 
 
 def show_demo_summary(result: DemoResult) -> dict[str, Any]:
@@ -91,5 +98,6 @@ def show_demo_summary(result: DemoResult) -> dict[str, Any]:
         err_console.print(f"[bold]iipad demo[/] — backbone {document['info'].get('backbone_id')}", highlight=False)
     show_table([result.run.run_dir])
     err_console.print(f"heatmaps (image | anomaly map | ground truth): {result.heatmaps_dir}", highlight=False)
+    err_console.print(f"report (curves, histograms, worst cases; open in a browser): {result.report}", highlight=False)
     err_console.print(f"data: {result.data_dir}  ·  run directory: {result.run.run_dir}", highlight=False)
     return document
