@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shlex
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 from iipad_cli import __version__
 from iipad_cli.digests import sha256_file as sha256_file  # artifacts are named by this digest
 from iipad_cli.errors import IipadError
+from iipad_cli.writes import reporting_write_errors
 
 FEATURES_FILE = "features.h5"
 GENERATOR_FILE = "generator.safetensors"
@@ -53,20 +55,23 @@ def _fsync_dir(directory: Path) -> None:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield `path.tmp` to write to; on success fsync it and rename it over `path`.
 
-    On an exception the temporary file is removed and `path` is left untouched.
+    On an exception the temporary file is removed and `path` is left untouched; a failed write
+    (full disk, read-only, permissions...) is reported as a one-line IipadError naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
     try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        with reporting_write_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.unlink(missing_ok=True)
+            yield tmp
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -84,10 +89,17 @@ def sha256_json(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def shell_path(path: Path | str) -> str:
+    """A path as a shell word that no command reads as an option (quoted; `./` before a dash)."""
+    text = str(path)
+    return shlex.quote(f"./{text}" if text.startswith("-") else text)
+
+
 def require_file(path: Path, made_by: str) -> Path:
     """The artifact at `path`, or a one-line error saying which stage makes it."""
     if not Path(path).is_file():
-        raise IipadError(f"{path}: missing; run `iipad {made_by}` first")
+        run = f" {shell_path(Path(path).parent)}" if made_by in ("train", "bank", "score") else ""
+        raise IipadError(f"{path}: missing; run `iipad {made_by}{run}` first")
     return Path(path)
 
 

@@ -9,7 +9,7 @@ import typer
 
 from iipad_cli.commands import command
 from iipad_cli.pipeline.run_options import RunOptions
-from iipad_cli.ui import log
+from iipad_cli.ui import log, print_path
 
 
 def run_command(options: RunOptions) -> None:
@@ -38,7 +38,7 @@ def run_command(options: RunOptions) -> None:
     if options.seeds is None and len(shots) == 1:
         result = run_stage.run_pipeline(replace(options, shots=shots[0]))
         run_stage.show_table([result.run_dir])
-        typer.echo(str(result.run_dir))
+        print_path(result.run_dir)
         return
     seeds = [options.seed] if options.seeds is None else run_stage.parse_seeds(options.seeds)
     results = run_stage.run_grid(options, shots, seeds)
@@ -48,8 +48,8 @@ def run_command(options: RunOptions) -> None:
     log(f"summary of {sum(len(runs) for runs in results.values())} runs -> {summary}", options.quiet)
     for runs in results.values():
         for result in runs:
-            typer.echo(str(result.run_dir))
+            print_path(result.run_dir)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("run")(command(run_command))
+    app.command("run")(command(run_command, resumable=True))

@@ -19,6 +19,7 @@ from iipad_cli.devices import resolve_device
 from iipad_cli.errors import IipadError
 from iipad_cli.models.anomaly import instance_prompts, normalise
 from iipad_cli.pipeline.bank import BankOptions
+from iipad_cli.runlock import run_lock
 from iipad_cli.schema.banks import Banks, save_banks
 from iipad_cli.schema.features import features_precision, read_split
 from iipad_cli.stages._scoring import check_finite_features, features_to_device, load_run_models
@@ -26,7 +27,12 @@ from iipad_cli.ui import log
 
 
 def build_banks(run_dir: Path, options: BankOptions) -> Path:
-    """Write RUN/banks.safetensors; returns its path."""
+    """Write RUN/banks.safetensors (run directory locked, checked writable first); returns its path."""
+    with run_lock(run_dir, "bank", create=False):
+        return _build_banks(Path(run_dir), options)
+
+
+def _build_banks(run_dir: Path, options: BankOptions) -> Path:
     started = time.perf_counter()
     options.validate()
     torch.manual_seed(options.seed)
@@ -44,7 +50,7 @@ def build_banks(run_dir: Path, options: BankOptions) -> Path:
         stop = min(start + options.batch_size, len(paths))
         arrays = {name: np.asarray(train[name][start:stop]) for name in ("cls_token", "qformer", "vv", "mem")}
         features = features_to_device(arrays, device)
-        check_finite_features(features, paths[start:stop], f"{features_path} (train)")
+        check_finite_features(features, paths[start:stop], f"{features_path} (train)", run_dir)
         with torch.inference_mode():
             prompts.append(
                 instance_prompts(

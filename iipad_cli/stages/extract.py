@@ -13,7 +13,7 @@ is still missing.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 import torch
 from rich.progress import Progress, TaskID
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
 
 from iipad_cli import __version__
@@ -37,6 +37,7 @@ from iipad_cli.models.backbone import Backbone
 from iipad_cli.checkpoints import find_weights, load_backbone
 from iipad_cli.models.registry import get_spec
 from iipad_cli.pipeline.extract import ExtractOptions, content_digest, content_keys, default_run_dir, default_workers, listing_digest
+from iipad_cli.runlock import run_lock
 from iipad_cli.schema.features import (
     ATTR_DEFAULTS,
     FEATURE_FIELDS,
@@ -45,10 +46,17 @@ from iipad_cli.schema.features import (
     differing_attrs,
     missing_sources,
     read_attrs,
+    read_split,
     write_features_file,
 )
 from iipad_cli.store import BackboneKey, FeatureStore, Location, StoreWriter, resolve_cache_dir
 from iipad_cli.ui import log, progress
+from iipad_cli.writes import HDF5_MARGIN_BYTES, require_space
+
+# Longest wait for one batch from the decoding workers before giving up (a batch takes well under
+# a second to decode; a worker whose hand-over failed would otherwise be waited for forever).
+WORKER_TIMEOUT_S = 120
+
 
 @dataclass(frozen=True)
 class _Item:
@@ -93,7 +101,43 @@ def _collate(items: list[_Item]) -> _Batch:
     for item in items:
         if item.error is not None:
             return _Batch(indices, None, item.error)
-    return _Batch(indices, torch.stack([item.image for item in items if item.image is not None]), None)
+    images = torch.stack([item.image for item in items if item.image is not None])
+    if get_worker_info() is not None:
+        # A worker hands the batch over through shared memory (/dev/shm). Left to the queue's
+        # feeder thread, a failure there (full /dev/shm, `ulimit -f`) is only printed and the
+        # batch never arrives: the main process waited forever. Allocated here, the failure
+        # travels to the main process as a one-line error instead.
+        try:
+            images.share_memory_()
+        except (OSError, RuntimeError) as error:
+            reason = str(error).splitlines()[0]
+            return _Batch(
+                indices,
+                None,
+                f"a DataLoader worker could not pass decoded images through shared memory ({reason}); "
+                "free /dev/shm, raise `ulimit -f`, or rerun with --workers 0",
+            )
+    return _Batch(indices, images, None)
+
+
+def _batches(loader: DataLoader) -> Iterator[_Batch]:
+    """The loader's batches; a worker that dies (OOM killer, signal) or stops delivering is one
+    line within seconds (PyTorch checks its workers every 5 s), never a hang or a traceback."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as error:
+            reason = str(error).splitlines()[0]
+            if "DataLoader" not in reason:
+                raise
+            raise IipadError(
+                f"image decoding failed: {reason} (out of memory, or /dev/shm full?); "
+                "rerun to resume, with --workers 0 to decode in the main process"
+            ) from None
+        yield batch
 
 
 def _weights_attrs(spec: BackboneSpec, weights_dir: Path | None) -> dict[str, Any]:
@@ -149,13 +193,28 @@ def _file_attrs(
     }
 
 
-def _describe_difference(path: Path, stored: dict[str, Any], expected: dict[str, Any], keys: list[str]) -> str:
+def _listing_change(path: Path, dataset: Dataset) -> str:
+    """"the file list changed: N removed (first), M added" between a features file and the data."""
+    stored = {split: set(read_split(path, split, ["path"])["path"]) for split in ("train", "test")}
+    current = {sample.rel_path for sample in (*dataset.train, *dataset.test)}
+    removed = sorted((stored["train"] | stored["test"]) - current)
+    added = sorted({sample.rel_path for sample in dataset.test} - stored["test"])
+    if not removed and not added:
+        return "the file list changed (images that are neither its shots nor its test images)"
+    parts = [f"{len(removed)} removed" + (f" ({removed[0]}{', ...' if len(removed) > 1 else ''})" if removed else "")]
+    parts.append(f"{len(added)} added" + (f" ({added[0]}{', ...' if len(added) > 1 else ''})" if added else ""))
+    return "the file list changed: " + ", ".join(parts)
+
+
+def _describe_difference(path: Path, stored: dict[str, Any], expected: dict[str, Any], keys: list[str], dataset: Dataset) -> str:
+    if keys == ["samples_sha256"]:
+        return f"{path}: {_listing_change(path, dataset)} since it was made; pass --force to extract again"
     key = keys[0]
     more = f" (and {', '.join(keys[1:])})" if len(keys) > 1 else ""
     return f"{path}: made with {key} {stored.get(key, ATTR_DEFAULTS.get(key))!r}, not {expected[key]!r}{more}; pass --force to replace it"
 
 
-def _refuse_other_options(path: Path, attrs: dict[str, Any]) -> dict[str, Any]:
+def _refuse_other_options(path: Path, attrs: dict[str, Any], dataset: Dataset) -> dict[str, Any]:
     """The stored attributes of `path`, or an IipadError when they differ from `attrs` in any identity key."""
     stored = read_attrs(path)
     changed = differing_attrs(stored, attrs)
@@ -163,7 +222,7 @@ def _refuse_other_options(path: Path, attrs: dict[str, Any]) -> dict[str, Any]:
     # it is named only when it is the one difference (image bytes changed under the same names).
     changed = [key for key in changed if key != "content_sha256"] or changed
     if changed:
-        raise IipadError(_describe_difference(path, stored, attrs, changed))
+        raise IipadError(_describe_difference(path, stored, attrs, changed, dataset))
     return stored
 
 
@@ -187,6 +246,12 @@ def feature_shapes(spec: BackboneSpec) -> FeatureShapes:
         vv=(len(spec.vv_layers), patches, spec.embed_dim),
         mem=(len(spec.memory_layers), patches, spec.vision_width),
     )
+
+
+def _bytes_per_image(shapes: FeatureShapes, resolution: int) -> int:
+    """fp16 features + the test mask + room for the strings and the chunk index, per image."""
+    features = sum(2 * int(np.prod(shapes.of(name))) for name in FEATURE_FIELDS)
+    return features + resolution * resolution + 1024
 
 
 def _check_finite(features: dict[str, np.ndarray], samples: Sequence[Sample]) -> None:
@@ -235,8 +300,9 @@ def encode_into_store(
         shuffle=False,
         num_workers=workers,
         collate_fn=_collate,
+        timeout=WORKER_TIMEOUT_S if workers else 0,
     )
-    for batch in loader:
+    for batch in _batches(loader):
         if batch.error is not None:
             raise IipadError(batch.error)
         assert batch.images is not None
@@ -276,6 +342,9 @@ def _encode_missing(
     precision: str,
 ) -> dict[str, Any]:
     """Load the backbone and encode the images the store lacks; returns the manifest's rate figures."""
+    # Checked before loading the encoders: the new segments must fit beside the store's index.
+    features_only = _bytes_per_image(feature_shapes(spec), 0)
+    require_space(store.index.path, len(missing) * features_only + HDF5_MARGIN_BYTES)
     device = resolve_device(options.device)
     backbone = load_backbone(spec, options.weights, device, precision)
     trunk = "shared by CLIP and the Q-Former" if backbone.trunk_shared else "not shared (Q-Former runs its own tower)"
@@ -311,55 +380,58 @@ def run_extract(options: ExtractOptions) -> Path:
     # Other options are reported before looking for weights, so "made with backbone tiny" is not
     # hidden behind "weights for vit-l-14 not found".
     if final.is_file() and not options.force:
-        _refuse_other_options(final, attrs)
+        _refuse_other_options(final, attrs, dataset)
     attrs.update(_weights_attrs(spec, options.weights))
-    if final.is_file() and not options.force:
-        _refuse_other_options(final, attrs)
-        reason = _current_file(final, attrs, options.copy)
-        if reason is None:
-            log(f"{final}: up to date (same options), nothing to do", options.quiet)
-            return run_dir
-        log(f"{final}: writing it again ({reason})", options.quiet)
+    with run_lock(run_dir, "extract"):
+        if final.is_file() and not options.force:
+            _refuse_other_options(final, attrs, dataset)
+            reason = _current_file(final, attrs, options.copy)
+            if reason is None:
+                log(f"{final}: up to date (same options), nothing to do", options.quiet)
+                return run_dir
+            log(f"{final}: writing it again ({reason})", options.quiet)
 
-    key = backbone_key(spec, attrs["weights_sha256"], precision)
-    attrs["store_backbone_key"] = key.digest
-    contents = {split: content_keys(samples) for split, samples in splits.items()}
-    needed: dict[str, Sample] = {}
-    for split in SPLITS:
-        for sample, content in zip(splits[split], contents[split]):
-            needed.setdefault(content, sample)
-    store = FeatureStore(resolve_cache_dir(options.cache))
-    with store:
-        stored = store.lookup(key, needed)
-        missing = {content: sample for content, sample in needed.items() if content not in stored}
-        log(f"{len(needed)} distinct images: {len(needed) - len(missing)} in the feature store {store.root}, {len(missing)} to encode", options.quiet)
-        rates = _encode_missing(store, key, missing, spec, options, attrs["random_weights"], precision) if missing else {}
-        locations = store.lookup(key, needed)
-        lost = [needed[content].path for content in needed if content not in locations]
-        if lost:
-            raise IipadError(f"{lost[0]}: its features left the feature store while extract ran (cache cleared?); run extract again")
-        store.check_segments(locations.values())
-        sources: dict[str, list[Location]] = {split: [locations[c] for c in contents[split]] for split in SPLITS}
-        columns = {split: _columns(split, splits[split], options.resolution) for split in SPLITS}
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(final) as tmp:
-            write_features_file(tmp, attrs, feature_shapes(spec), columns, sources, store.read if options.copy else None)
-    log(f"-> {final}" + (" (self-contained copy)" if options.copy else " (virtual datasets into the feature store)"), options.quiet)
-    record_stage(
-        run_dir,
-        "extract",
-        options=options.recorded(dataset),
-        inputs={},
-        outputs={FEATURES_FILE: sha256_file(final)},
-        seconds=time.perf_counter() - started,
-        extra={
-            "images_encoded": len(missing),
-            "images_from_store": len(needed) - len(missing),
-            "feature_store": str(store.root),
-            "store_backbone_key": key.digest,
-            **rates,
-            "precision": precision,
-            "bf16_units": bf16_units(resolve_device(options.device)),
-        },
-    )
+        key = backbone_key(spec, attrs["weights_sha256"], precision)
+        attrs["store_backbone_key"] = key.digest
+        contents = {split: content_keys(samples) for split, samples in splits.items()}
+        needed: dict[str, Sample] = {}
+        for split in SPLITS:
+            for sample, content in zip(splits[split], contents[split]):
+                needed.setdefault(content, sample)
+        store = FeatureStore(resolve_cache_dir(options.cache))
+        with store:
+            stored = store.lookup(key, needed)
+            missing = {content: sample for content, sample in needed.items() if content not in stored}
+            log(f"{len(needed)} distinct images: {len(needed) - len(missing)} in the feature store {store.root}, {len(missing)} to encode", options.quiet)
+            rates = _encode_missing(store, key, missing, spec, options, attrs["random_weights"], precision) if missing else {}
+            locations = store.lookup(key, needed)
+            lost = [needed[content].path for content in needed if content not in locations]
+            if lost:
+                raise IipadError(f"{lost[0]}: its features left the feature store while extract ran (cache cleared?); run extract again")
+            store.check_segments(locations.values())
+            sources: dict[str, list[Location]] = {split: [locations[c] for c in contents[split]] for split in SPLITS}
+            columns = {split: _columns(split, splits[split], options.resolution) for split in SPLITS}
+            if options.copy:
+                rows = sum(len(samples) for samples in splits.values())
+                require_space(final, rows * _bytes_per_image(feature_shapes(spec), options.resolution) + HDF5_MARGIN_BYTES)
+            with atomic_path(final) as tmp:
+                write_features_file(tmp, attrs, feature_shapes(spec), columns, sources, store.read if options.copy else None)
+        log(f"-> {final}" + (" (self-contained copy)" if options.copy else " (virtual datasets into the feature store)"), options.quiet)
+        record_stage(
+            run_dir,
+            "extract",
+            options=options.recorded(dataset),
+            inputs={},
+            outputs={FEATURES_FILE: sha256_file(final)},
+            seconds=time.perf_counter() - started,
+            extra={
+                "images_encoded": len(missing),
+                "images_from_store": len(needed) - len(missing),
+                "feature_store": str(store.root),
+                "store_backbone_key": key.digest,
+                **rates,
+                "precision": precision,
+                "bf16_units": bf16_units(resolve_device(options.device)),
+            },
+        )
     return run_dir

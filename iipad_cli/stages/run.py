@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from iipad_cli.artifacts import METRICS_JSON, read_manifest, record_stage, sha256_file, write_text_atomic
-from iipad_cli.errors import IipadError
+from iipad_cli.errors import IipadError, UsageError
+from iipad_cli.runlock import run_lock
 from iipad_cli.pipeline import STAGES
 from iipad_cli.pipeline.run_options import RunOptions, stage_options
 from iipad_cli.ui import err_console, log
@@ -100,6 +101,12 @@ def run_pipeline(options: RunOptions) -> RunResult:
     planned = [(stage, stage_options(stage, options, run_dir)) for stage in STAGES]
     for _, stage_opts in planned:
         stage_opts.validate()
+    # Held across the stages (each takes it again), so no other process writes the run between them.
+    with run_lock(run_dir, "run"):
+        return _run_stages(run_dir, options, planned)
+
+
+def _run_stages(run_dir: Path, options: RunOptions, planned: list[tuple[Any, Any]]) -> RunResult:
     result = RunResult(run_dir=run_dir)
     started = time.perf_counter()
     upstream_ran = False
@@ -144,9 +151,9 @@ def run_grid(options: RunOptions, shots: list[int], seeds: list[int]) -> dict[in
     """One full pipeline per (K, seed) pair, K by K; returns the results per K in seed order."""
     for flag, values in (("--shots", shots), ("--seeds", seeds)):
         if not values:
-            raise IipadError(f"{flag} needs at least one value, e.g. {flag} 0,1,2")
+            raise UsageError(f"{flag} needs at least one value, e.g. {flag} 0,1,2")
         if len(set(values)) != len(values):
-            raise IipadError(f"{flag} has repeated values: {values}")
+            raise UsageError(f"{flag} has repeated values: {values}")
     several = len(shots) > 1
     return {
         k: [run_pipeline(replace(options, shots=k, seed=seed, run_dir=grid_run_dir(options.run_dir, k, seed, several))) for seed in seeds]
@@ -159,7 +166,7 @@ def parse_ints(flag: str, text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise IipadError(f"{flag} {text!r}: expected comma-separated integers such as 0,1,2") from None
+        raise UsageError(f"{flag} {text!r}: expected comma-separated integers such as 0,1,2") from None
 
 
 def parse_seeds(text: str) -> list[int]:

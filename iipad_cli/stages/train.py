@@ -31,12 +31,14 @@ from iipad_cli.artifacts import (
 from iipad_cli.config import Preset
 from iipad_cli.devices import resolve_device
 from iipad_cli.errors import IipadError
+from iipad_cli.hints import extract_command
 from iipad_cli.losses import normalise, prompt_losses
 from iipad_cli.models.prompt_generator import GeneratorConfig, PromptGenerator
 from iipad_cli.checkpoints import load_backbone
 from iipad_cli.models.registry import get_spec
 from iipad_cli.pipeline.train import SCHEDULES, TrainOptions, effective_preset, recorded_options
 from iipad_cli.prompts import manual_prompt_embeddings, select_prompts
+from iipad_cli.runlock import run_lock
 from iipad_cli.schema.features import check_backbone_weights, features_precision, load_features_attrs, read_split
 from iipad_cli.schema.generator import read_generator_metadata, save_generator
 from iipad_cli.ui import log, progress
@@ -90,7 +92,9 @@ def read_train_features(path: Path, variant: int, device: torch.device) -> Train
     tensors = {name: torch.from_numpy(data[name]).float() for name in ("cls_token", "qformer", "vv")}
     for name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
-            raise IipadError(f"{path}: train/{name} holds NaN or Inf values; re-run `iipad extract`")
+            raise IipadError(
+                f"{path}: train/{name} holds NaN or Inf values; rebuild the features with {extract_command(path.parent, force=True)}"
+            )
     if not 0 <= variant < tensors["cls_token"].shape[1]:
         raise IipadError(f"{path}: train/cls_token has no variant {variant}")
     return TrainFeatures(
@@ -129,7 +133,14 @@ def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def train(run_dir: Path, options: TrainOptions) -> TrainResult:
-    """Train the generator of `run_dir` and write its artifacts (see module docstring)."""
+    """Train the generator of `run_dir` and write its artifacts (see module docstring).
+
+    The run directory is locked, and checked writable, before any work."""
+    with run_lock(run_dir, "train", create=False):
+        return _train(Path(run_dir), options)
+
+
+def _train(run_dir: Path, options: TrainOptions) -> TrainResult:
     started = time.perf_counter()
     run_dir = Path(run_dir)
     features_path = run_dir / FEATURES_FILE
