@@ -104,7 +104,7 @@ def test_single_shots_value_keeps_seed_directories(shared_data: Path, tmp_path: 
 def test_bad_shots_list_is_one_line(shared_data: Path, tmp_path: Path) -> None:
     for shots, message in (("1,x", "--shots '1,x': expected comma-separated integers"), ("1,1", "--shots has repeated values")):
         result = _run(str(shared_data / "visa"), "--shots", shots, "--seeds", "0", "-o", str(tmp_path / "R"))
-        assert result.exit_code == 1 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_run_notices_changed_image_bytes(shared_data: Path, tmp_path: Path) -> None:
