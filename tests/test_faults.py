@@ -139,10 +139,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def complete_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """extract -> train (1 epoch) -> bank -> score on two generated classes."""
+    """extract -> train (1 epoch) -> bank -> score on two generated classes.
+
+    A self-contained features.h5 (--copy): tests edit copies of it, which must not write through
+    into the shared feature store."""
     run_dir = tmp_path_factory.mktemp("faults-run") / "run"
     steps = [
-        ("extract", str(data), "--shots", "1", "--classes", "wood,weave", "--workers", "0", "-o", str(run_dir)),
+        ("extract", str(data), "--shots", "1", "--classes", "wood,weave", "--workers", "0", "-o", str(run_dir), "--copy"),
         ("train", str(run_dir), "--epochs", "1"),
         ("bank", str(run_dir)),
         ("score", str(run_dir)),
@@ -235,12 +238,15 @@ def test_a_missing_run_directory_is_not_created_by_later_stages(tmp_path: Path) 
 
 
 def test_extract_on_a_full_disk_fails_before_the_work_in_one_line(data: Path, small_fs: Path | None, tmp_path: Path) -> None:
-    run_dir = (small_fs or tmp_path) / "run"
+    # A self-contained copy (--copy) on the small file system, beside its feature store.
+    run_dir, cache = (small_fs or tmp_path) / "run", (small_fs or tmp_path) / "store"
     limit = None if small_fs is not None else 64 << 10  # below the file's size
-    result = _cli("extract", str(data), "--shots", "1", "-o", str(run_dir), *TINY, limit_bytes=limit)
+    args = ["--shots", "1", "-o", str(run_dir), "--cache", str(cache), "--copy"]
+    result = _cli("extract", str(data), *args, *TINY, limit_bytes=limit)
     assert result.returncode == 1, result.stderr  # not 139 (h5py's segfault) and no traceback
     line = _one_error_line(result.stderr)
-    assert "features.h5.partial: needs about" in line
+    assert "features.h5: needs about" in line
+    assert not list(cache.rglob("*.h5"))  # refused before any image was encoded
     assert ("free some space" in line) if small_fs is not None else ("ulimit -f" in line)
     assert _leftovers(run_dir) == []
     assert result.stdout == ""
@@ -277,20 +283,20 @@ def test_every_later_stage_on_a_full_disk_is_one_line_and_keeps_the_artifacts(
 WRITE_FAILS_MID_FILE = """
 import resource, os
 from pathlib import Path
-import iipad_cli.schema.features as features
+import iipad_cli.store.store as store
 import iipad_cli.stages.extract as extract
 
 # Let the checks before the work pass, then take the space (or lower the limit) as if another
-# process had done it during the run: the HDF5 write itself fails.
-features.require_space = lambda path, needed: None
+# process had done it during the run: the HDF5 write of a feature store segment itself fails.
 extract.require_space = lambda path, needed: None
-original = features.FeaturesWriter.append
-def append(self, split, columns):
-    if self.rows_written("train") > 0:
+original = store.StoreWriter.add
+def add(self, contents, features):
+    if self._contents:
+        segment = self._paths()[0]
         if {limit}:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(self.path), resource.RLIM_INFINITY))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(segment), resource.RLIM_INFINITY))
         else:
-            fd = os.open(self.path.parent.parent / "ballast", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            fd = os.open(self.store.root.parent / "ballast", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             for size in (1 << 20, 4096, 1):
                 try:
                     while True:
@@ -298,26 +304,27 @@ def append(self, split, columns):
                 except OSError:
                     pass
             os.close(fd)
-    return original(self, split, columns)
-features.FeaturesWriter.append = append
+    return original(self, contents, features)
+store.StoreWriter.add = add
 """
 
 
 def test_a_write_that_fails_inside_hdf5_is_one_line_not_a_segfault(data: Path, small_fs: Path | None, tmp_path: Path) -> None:
     if small_fs is not None:
         subprocess.run(["mount", "-o", "remount,size=8m", str(small_fs)], check=True)
-    run_dir = (small_fs or tmp_path) / "run"
+    run_dir, cache = (small_fs or tmp_path) / "run", (small_fs or tmp_path) / "store"
     prelude = WRITE_FAILS_MID_FILE.replace("{limit}", str(small_fs is None))
-    result = _cli("extract", str(data), "--shots", "1", "--batch-size", "2", "--workers", "0", "-o", str(run_dir), *TINY, prelude=prelude)
+    args = ["--shots", "1", "--workers", "0", "-o", str(run_dir), "--cache", str(cache)]
+    result = _cli("extract", str(data), *args, "--batch-size", "2", *TINY, prelude=prelude)
     assert result.returncode == 1, f"{result.returncode}: {result.stderr[-2000:]}"
     line = _one_error_line(result.stderr)
-    assert "features.h5.partial: cannot write:" in line
+    assert ".h5.tmp: cannot write:" in line and str(cache) in line
     assert ("ENOSPC" in line) if small_fs is not None else ("EFBIG" in line)
-    assert _leftovers(run_dir) == []
+    assert _leftovers(run_dir) == [] and _leftovers(cache) == []
     if small_fs is not None:
         # The way out the message names works: with space again, a rerun finishes the file.
         (small_fs / "ballast").unlink()
-        result = _cli("extract", str(data), "--shots", "1", "--workers", "0", "-o", str(run_dir), *TINY)
+        result = _cli("extract", str(data), *args, *TINY)
         assert result.returncode == 0, result.stderr
         assert load_features_attrs(run_dir / FEATURES_FILE)["complete"]
 
@@ -578,7 +585,8 @@ def test_ctrl_c_exits_130_and_rerunning_resumes(data: Path, tmp_path: Path) -> N
     assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err and out == ""
     result = _cli(*args)
     assert result.returncode == 0, result.stderr
-    assert "resuming, 2 of 15 images already stored" in result.stderr
+    # The two images encoded before the interruption were sealed into the feature store.
+    assert "15 distinct images: 2 in the feature store" in result.stderr
     assert load_features_attrs(run_dir / FEATURES_FILE)["complete"]
 
 

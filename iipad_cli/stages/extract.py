@@ -403,6 +403,9 @@ def run_extract(options: ExtractOptions) -> Path:
             stored = store.lookup(key, needed)
             missing = {content: sample for content, sample in needed.items() if content not in stored}
             log(f"{len(needed)} distinct images: {len(needed) - len(missing)} in the feature store {store.root}, {len(missing)} to encode", options.quiet)
+            if options.copy:  # checked before any encoding: the self-contained file must fit too
+                rows = sum(len(samples) for samples in splits.values())
+                require_space(final, rows * _bytes_per_image(feature_shapes(spec), options.resolution) + HDF5_MARGIN_BYTES)
             rates = _encode_missing(store, key, missing, spec, options, attrs["random_weights"], precision) if missing else {}
             locations = store.lookup(key, needed)
             lost = [needed[content].path for content in needed if content not in locations]
@@ -411,9 +414,6 @@ def run_extract(options: ExtractOptions) -> Path:
             store.check_segments(locations.values())
             sources: dict[str, list[Location]] = {split: [locations[c] for c in contents[split]] for split in SPLITS}
             columns = {split: _columns(split, splits[split], options.resolution) for split in SPLITS}
-            if options.copy:
-                rows = sum(len(samples) for samples in splits.values())
-                require_space(final, rows * _bytes_per_image(feature_shapes(spec), options.resolution) + HDF5_MARGIN_BYTES)
             with atomic_path(final) as tmp:
                 write_features_file(tmp, attrs, feature_shapes(spec), columns, sources, store.read if options.copy else None)
         log(f"-> {final}" + (" (self-contained copy)" if options.copy else " (virtual datasets into the feature store)"), options.quiet)

@@ -28,6 +28,7 @@ import numpy as np
 from iipad_cli.artifacts import _fsync_dir
 from iipad_cli.digests import read_digest, sha256_file
 from iipad_cli.errors import IipadError
+from iipad_cli.writes import abandoned, hdf5_writes
 from iipad_cli.store.index import INDEX_FILE, Index, IndexedRow, SegmentRecord, way_out
 from iipad_cli.store.keys import STORE_SCHEMA_VERSION, BackboneKey
 
@@ -369,6 +370,7 @@ class StoreWriter:
         self._contents: list[str] = []
         self._segment_id = ""
         self._lock_fd: int | None = None
+        self._datasets: dict[str, h5py.Dataset] = {}
         self._broken = False
 
     def _paths(self) -> tuple[Path, Path, Path]:
@@ -388,6 +390,8 @@ class StoreWriter:
         for name, shape in self.shapes.items():
             chunks = (1, 1, *shape[1:]) if len(shape) == 3 else (1, *shape)
             handle.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=np.float16, chunks=chunks)
+        # Held for the segment's life: h5py objects freed after a failed write crash the interpreter.
+        self._datasets = {name: handle[name] for name in (CONTENT_FIELD, *self.shapes)}
         self._contents = []
         self._opened = time.monotonic()
         return handle
@@ -412,28 +416,50 @@ class StoreWriter:
         assert self._file is not None
         begin, stop = len(self._contents), len(self._contents) + len(contents)
         try:
-            for name, values in features.items():
-                self._file[name].resize(stop, axis=0)
-                self._file[name][begin:stop] = np.asarray(values, dtype=np.float16)
-            self._file[CONTENT_FIELD].resize(stop, axis=0)
-            self._file[CONTENT_FIELD][begin:stop] = np.asarray(list(contents), dtype=object)
+            # A failed HDF5 write leaves a file the library cannot close: abandoned, see writes.py.
+            with hdf5_writes(self._paths()[0], self):
+                self._write_rows(begin, stop, contents, features)
         except BaseException:
             self._broken = True
             raise
         self._contents.extend(contents)
+
+    def _write_rows(self, begin: int, stop: int, contents: Sequence[str], features: Mapping[str, np.ndarray]) -> None:
+        assert self._file is not None
+        for name, values in features.items():
+            self._datasets[name].resize(stop, axis=0)
+            self._datasets[name][begin:stop] = np.asarray(values, dtype=np.float16)
+        self._datasets[CONTENT_FIELD].resize(stop, axis=0)
+        self._datasets[CONTENT_FIELD][begin:stop] = np.asarray(list(contents), dtype=object)
 
     def seal(self) -> None:
         """Flush, fsync, hash and rename the open segment, then index its rows (in that order)."""
         if self._file is None:
             return
         tmp, final, lock = self._paths()
-        self._file.close()
-        self._file = None
-        assert self._lock_fd is not None
+        if self._lock_fd is None:
+            return  # an abandoned segment, already dropped
         try:
-            if self._broken or not self._contents:
+            if abandoned(self):
+                # Never closed (the HDF5 library would crash); its bytes are dropped.
                 tmp.unlink(missing_ok=True)
                 return
+            if self._broken or not self._contents:
+                self._datasets = {}
+                self._file.close()
+                self._file = None
+                tmp.unlink(missing_ok=True)
+                return
+            try:
+                with hdf5_writes(tmp, self):
+                    # Flushed while the datasets are held: a full disk fails here, not in a finaliser.
+                    self._file.flush()
+                    self._datasets = {}
+                    self._file.close()
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # never indexed; its images are encoded again
+                raise
+            self._file = None
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
             record = SegmentRecord(
