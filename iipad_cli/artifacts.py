@@ -19,6 +19,7 @@ from typing import Any
 from iipad_cli import __version__
 from iipad_cli.digests import sha256_file as sha256_file  # artifacts are named by this digest
 from iipad_cli.errors import IipadError
+from iipad_cli.writes import reporting_write_errors
 
 FEATURES_FILE = "features.h5"
 GENERATOR_FILE = "generator.safetensors"
@@ -53,20 +54,23 @@ def _fsync_dir(directory: Path) -> None:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield `path.tmp` to write to; on success fsync it and rename it over `path`.
 
-    On an exception the temporary file is removed and `path` is left untouched.
+    On an exception the temporary file is removed and `path` is left untouched; a failed write
+    (full disk, read-only, permissions...) is reported as a one-line IipadError naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
     try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        with reporting_write_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.unlink(missing_ok=True)
+            yield tmp
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
 
 

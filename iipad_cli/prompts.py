@@ -129,10 +129,17 @@ def manual_prompt_embeddings(backbone: Backbone, prompts: ManualPrompts, cache: 
     if cache.is_file():
         try:
             with safe_open(str(cache), framework="pt") as handle:
-                if (handle.metadata() or {}).get("key") == key:
-                    return handle.get_tensor("normal"), handle.get_tensor("anomalous")
+                if (handle.metadata() or {}).get("key") == key and set(handle.keys()) == {"normal", "anomalous"}:
+                    normal, anomalous = handle.get_tensor("normal"), handle.get_tensor("anomalous")
+                    width = backbone.spec.embed_dim
+                    if (
+                        normal.dtype == anomalous.dtype == torch.float32
+                        and tuple(normal.shape) == (len(prompts.normal), width)
+                        and tuple(anomalous.shape) == (len(prompts.anomalous), width)
+                    ):
+                        return normal, anomalous
         except (OSError, ValueError, KeyError, SafetensorError):
-            pass  # an unreadable cache is simply rebuilt
+            pass  # an unreadable cache, or one whose tensors differ from what its key promises, is rebuilt
     normal = encode_sentences(backbone, prompts.normal)
     anomalous = encode_sentences(backbone, prompts.anomalous)
     metadata = {

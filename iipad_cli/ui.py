@@ -26,3 +26,8 @@ def progress(quiet: bool = False) -> Progress:
 def log(message: str, quiet: bool = False) -> None:
     if not quiet:
         err_console.print(message, highlight=False, soft_wrap=True)
+
+
+def warn(message: str, quiet: bool = False) -> None:
+    if not quiet:
+        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)

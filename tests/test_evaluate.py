@@ -72,7 +72,8 @@ def make_run(
     gt = np.stack([small_mask(row[4]) for row in flat])
     has_mask = np.array([masks or row[3] == 0 for row in flat])
     run.mkdir(parents=True)
-    attrs = {"backbone_id": "tiny", "random_weights": True, "shots": 1, "seed": seed, "data_root": str(data), "layout": layout, "resolution": R}
+    attrs = {"backbone_id": "tiny", "random_weights": True, "shots": 1, "seed": seed, "data_root": str(data), "layout": layout, "resolution": R,
+             "vv_layers": [1], "memory_layers": [1]}
     shapes = FeatureShapes(cls_token=(2, 4), qformer=(2, 4), vv=(1, 2, 4), mem=(1, 2, 4))
     with FeaturesWriter(run / "features.h5", attrs, shapes, R) as writer:
         columns = {

@@ -3,8 +3,9 @@
 `command(func)` turns such a function into a Typer command: a parameter annotated with an options
 dataclass (a stage's options, `RunOptions`) is expanded into that dataclass's fields, whose
 `Annotated` Typer aliases (`iipad_cli/options.py`) are the option declarations, and the function
-receives the dataclass built from them. It is also the CLI's one error handler: an IipadError
-becomes one line on stderr and exit code 1, without a traceback.
+receives the dataclass built from them. It is also the CLI's one error handler: an IipadError, or
+any failed write (full disk, read-only, permissions: `iipad_cli.writes`), becomes one line on
+stderr and exit code 1, without a traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable
 from typing import Any, get_type_hints
 
@@ -20,6 +23,7 @@ import typer
 
 from iipad_cli.errors import IipadError
 from iipad_cli.ui import err_console
+from iipad_cli.writes import hdf5_left_open, quiet_hdf5_write_errors, write_failure
 
 # One entry per module in this package; the order is the order of `iipad --help`.
 COMMAND_MODULES: tuple[str, ...] = ("extract", "train", "bank", "score", "metrics", "report", "run", "predict", "demo", "weights")
@@ -27,6 +31,11 @@ COMMAND_MODULES: tuple[str, ...] = ("extract", "train", "bank", "score", "metric
 
 def report_error(error: IipadError) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    if hdf5_left_open():
+        # h5py's finalisers would crash the interpreter on the file a failed write left open.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     return typer.Exit(code=1)
 
 
@@ -56,10 +65,16 @@ def command(func: Callable[..., Any]) -> Callable[..., Any]:
         arguments = {name: values[name] for name in plain}
         for name, cls in expanded.items():
             arguments[name] = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+        sys.unraisablehook = quiet_hdf5_write_errors
         try:
             return func(**arguments)
         except IipadError as error:
             raise report_error(error) from None
+        except (OSError, RuntimeError) as error:
+            failure = write_failure(error)
+            if failure is None:
+                raise
+            raise report_error(failure) from None
 
     wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in params}

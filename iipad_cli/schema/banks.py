@@ -22,6 +22,7 @@ from torch import Tensor
 
 from iipad_cli.artifacts import atomic_path
 from iipad_cli.errors import IipadError
+from iipad_cli.schema.check import Found, Spec, check_arrays
 
 REQUIRED_METADATA = ("paths", "classes", "memory_layers", "backbone_id", "features_sha256", "generator_sha256")
 
@@ -102,13 +103,15 @@ def load_banks(path: Path) -> Banks:
     metadata = read_banks_metadata(path)
     tensors = load_file(str(path))
     layers = tuple(int(layer) for layer in json.loads(metadata["memory_layers"]))
-    keys = ["query", "prompt", *(mem_key(layer) for layer in layers)]
-    missing = [key for key in keys if key not in tensors]
-    if missing:
-        raise IipadError(f"{path}: banks file lacks tensor(s) {', '.join(missing)}")
+    expected = {
+        "query": Spec("float32", ("N", "M", "d")),
+        "prompt": Spec("float32", ("N", 2, "D")),
+        **{mem_key(layer): Spec("float32", ("N", "P", "W")) for layer in layers},
+    }
+    found = {name: Found(str(tensor.dtype), tuple(tensor.shape)) for name, tensor in tensors.items()}
+    count = check_arrays(path, found, expected, "banks file")["N"]
     paths = list(json.loads(metadata["paths"]))
-    count = tensors["query"].shape[0]
-    if any(tensors[key].shape[0] != count for key in keys) or len(paths) != count:
+    if len(paths) != count:
         raise IipadError(f"{path}: banks tensors and paths disagree on the number of bank images")
     return Banks(
         query=tensors["query"],

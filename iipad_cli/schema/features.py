@@ -22,6 +22,8 @@ import h5py
 import numpy as np
 
 from iipad_cli.errors import IipadError
+from iipad_cli.schema.check import Found, Spec, check_arrays
+from iipad_cli.writes import HDF5_MARGIN_BYTES, abandoned, hdf5_writes, reporting_write_errors, require_space
 
 SPLITS = ("train", "test")
 STRING_FIELDS = ("path", "cls", "defect")
@@ -93,13 +95,23 @@ class FeaturesWriter:
     """Appends images to a features file, creating or resuming it.
 
     Opening an existing file truncates every dataset of a group to its `rows_written`, dropping
-    whatever an interrupted batch left behind.
+    whatever an interrupted batch left behind. The free space is checked before every batch; a
+    write that fails all the same is a one-line IipadError (`iipad_cli.writes.hdf5_writes`).
     """
 
     def __init__(self, path: Path, attrs: Mapping[str, Any], shapes: FeatureShapes, resolution: int) -> None:
         self.path = Path(path)
         exists = self.path.is_file()
-        self.file = h5py.File(self.path, "a")
+        with reporting_write_errors(self.path):
+            self.file = h5py.File(self.path, "a")
+        # Every group and dataset stays open for the writer's life: a dataset object freed after a
+        # failed write would write its cache again and fail outside any handler.
+        self.groups: dict[str, h5py.Group] = {}
+        self.datasets: dict[str, dict[str, h5py.Dataset]] = {}
+        with hdf5_writes(self.path, self):
+            self._prepare(exists, attrs, shapes, resolution)
+
+    def _prepare(self, exists: bool, attrs: Mapping[str, Any], shapes: FeatureShapes, resolution: int) -> None:
         if not exists:
             for key, value in attrs.items():
                 self.file.attrs[key] = _encode_attr(key, value)
@@ -107,9 +119,10 @@ class FeaturesWriter:
             for split in SPLITS:
                 self._create_group(split, shapes, resolution)
         for split in SPLITS:
-            group = self.file[split]
+            group = self.groups[split] = self.file[split]
+            self.datasets[split] = dict(group.items())
             rows = int(group.attrs["rows_written"])
-            for dataset in group.values():
+            for dataset in self.datasets[split].values():
                 dataset.resize(rows, axis=0)
 
     def _create_group(self, split: str, shapes: FeatureShapes, resolution: int) -> None:
@@ -134,29 +147,35 @@ class FeaturesWriter:
             )
 
     def rows_written(self, split: str) -> int:
-        return int(self.file[split].attrs["rows_written"])
+        return int(self.groups[split].attrs["rows_written"])
 
     def append(self, split: str, columns: Mapping[str, Sequence[str] | np.ndarray]) -> None:
         """Write one batch (every dataset of the group, same length), then mark it written and flush."""
-        group = self.file[split]
+        group, datasets = self.groups[split], self.datasets[split]
         start = self.rows_written(split)
         lengths = {len(values) for values in columns.values()}
-        if len(lengths) != 1 or set(columns) != set(group.keys()):
+        if len(lengths) != 1 or set(columns) != set(datasets):
             raise ValueError(f"batch for {split} must hold every dataset of the group with one length")
         stop = start + lengths.pop()
-        for name, values in columns.items():
-            dataset = group[name]
-            dataset.resize(stop, axis=0)
-            dataset[start:stop] = np.asarray(values, dtype=object) if name in STRING_FIELDS else values
-        group.attrs["rows_written"] = stop
-        self.file.flush()
+        require_space(self.path, sum(np.asarray(values).nbytes for values in columns.values()) + HDF5_MARGIN_BYTES)
+        with hdf5_writes(self.path, self):
+            for name, values in columns.items():
+                dataset = datasets[name]
+                dataset.resize(stop, axis=0)
+                dataset[start:stop] = np.asarray(values, dtype=object) if name in STRING_FIELDS else values
+            group.attrs["rows_written"] = stop
+            self.file.flush()
 
     def mark_complete(self) -> None:
-        self.file.attrs["complete"] = True
-        self.file.flush()
+        with hdf5_writes(self.path, self):
+            self.file.attrs["complete"] = True
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file.id.valid and not abandoned(self):
+            with hdf5_writes(self.path, self):
+                self.groups, self.datasets = {}, {}
+                self.file.close()
 
     def __enter__(self) -> FeaturesWriter:
         return self
@@ -206,12 +225,49 @@ def load_features_attrs(path: Path) -> dict[str, Any]:
     attrs = read_attrs(path)
     if not attrs.get("complete", False):
         raise IipadError(f"{path}: incomplete features file; re-run `iipad extract` to finish it")
+    check_layout(path, attrs)
     return attrs
 
 
 def features_precision(attrs: Mapping[str, Any]) -> str:
     """The precision a features file was computed in (files from before `--precision` are fp32)."""
     return str(attrs.get("precision", ATTR_DEFAULTS["precision"]))
+
+
+def expected_layout(split: str, attrs: Mapping[str, Any]) -> dict[str, Spec]:
+    """Every dataset of one split, with its dtype and shape (N images of the split)."""
+    layout = {
+        **{name: Spec("object", ("N",)) for name in STRING_FIELDS},
+        "label": Spec("uint8", ("N",)),
+        "cls_token": Spec("float16", ("N", 2, "D")),
+        "qformer": Spec("float16", ("N", "M", "d")),
+        "vv": Spec("float16", ("N", len(attrs["vv_layers"]), "P", "D")),
+        "mem": Spec("float16", ("N", len(attrs["memory_layers"]), "P", "W")),
+    }
+    if split == "test":
+        resolution = int(attrs["resolution"])
+        layout["has_mask"] = Spec("bool", ("N",))
+        layout["mask"] = Spec("bool", ("N", resolution, resolution))
+    return layout
+
+
+def check_layout(path: Path, attrs: Mapping[str, Any]) -> None:
+    """Refuse a features file whose groups or datasets differ from the schema (names, dtypes, shapes)."""
+    missing = [key for key in ("vv_layers", "memory_layers", "resolution") if key not in attrs]
+    if missing:
+        raise IipadError(f"{path}: not a valid features file (no attribute {', '.join(missing)})")
+    with _open(Path(path)) as handle:
+        groups = sorted(handle.keys())
+        if groups != sorted(SPLITS):
+            raise IipadError(f"{path}: not a valid features file (groups {groups}, expected {list(SPLITS)})")
+        for split in SPLITS:
+            group = handle[split]
+            found = {name: Found(str(item.dtype), tuple(item.shape)) for name, item in group.items() if isinstance(item, h5py.Dataset)}
+            if len(found) != len(group):
+                raise IipadError(f"{path}: not a valid features file ({split} holds a group)")
+            dims = check_arrays(path, found, expected_layout(split, attrs), "features file")
+            if dims["N"] != int(group.attrs["rows_written"]):
+                raise IipadError(f"{path}: {split} holds {dims['N']} rows but records {int(group.attrs['rows_written'])}")
 
 
 def differing_attrs(stored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:

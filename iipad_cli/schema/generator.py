@@ -18,6 +18,7 @@ from torch import Tensor
 
 from iipad_cli.artifacts import atomic_path, provenance
 from iipad_cli.errors import IipadError
+from iipad_cli.schema.check import Found, Spec, check_arrays
 from iipad_cli.models.prompt_generator import GeneratorConfig, PromptGenerator
 
 # Metadata values stored as JSON; the others (hashes, ids, versions) are plain strings.
@@ -79,13 +80,8 @@ def load_generator(path: Path, device: str = "cpu") -> tuple[PromptGenerator, di
     generator = PromptGenerator(config)
     with safe_open(str(path), framework="pt") as handle:
         state = {name: handle.get_tensor(name) for name in handle.keys()}
-    expected = generator.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise IipadError(f"{path}: tensors do not match the generator config (missing {missing[:3]}, extra {extra[:3]})")
-    wrong = [name for name, tensor in state.items() if tensor.shape != expected[name].shape]
-    if wrong:
-        raise IipadError(f"{path}: tensor shapes do not match the generator config ({wrong[:3]})")
+    expected = {name: Spec(str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in generator.state_dict().items()}
+    found = {name: Found(str(t.dtype), tuple(t.shape)) for name, t in state.items()}
+    check_arrays(path, found, expected, "generator for its generator_config")
     generator.load_state_dict(state)
     return generator.to(device).eval(), metadata

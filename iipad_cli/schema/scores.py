@@ -27,6 +27,8 @@ import numpy as np
 
 from iipad_cli.artifacts import atomic_path
 from iipad_cli.errors import IipadError
+from iipad_cli.schema.check import Found, Spec, check_arrays
+from iipad_cli.writes import HDF5_MARGIN_BYTES, abandoned, hdf5_writes, require_space
 
 COMPONENTS = ("image_score", "prompt_max", "visual_max", "p_normal", "retrieval_sim")
 STRING_COLUMNS = ("path", "cls", "defect")
@@ -60,51 +62,64 @@ class ScoresWriter:
         self.rows = 0
         self.map_min = float("inf")
         self.map_max = float("-inf")
-        string = h5py.string_dtype()
-        for name in STRING_COLUMNS:
-            handle.create_dataset(name, shape=(count,), dtype=string)
-        handle.create_dataset("label", shape=(count,), dtype=np.uint8)
-        handle.create_dataset("has_mask", shape=(count,), dtype=bool)
-        handle.create_dataset(
-            "maps", shape=(count, resolution, resolution), dtype=np.float16, chunks=(1, resolution, resolution)
-        )
-        for name in COMPONENTS:
-            handle.create_dataset(name, shape=(count,), dtype=np.float32)
-        handle.create_dataset("retrieved", shape=(count, top_k), dtype=np.int32)
+        # Kept open for the writer's life: a dataset object freed after a failed write would
+        # write its cache again and fail outside any handler.
+        self.datasets = {
+            name: handle.create_dataset(name, dtype=spec.dtype if spec.dtype != "object" else h5py.string_dtype(),
+                                        shape=tuple(count if dim == "N" else dim for dim in spec.shape),
+                                        chunks=(1, resolution, resolution) if name == "maps" else None)
+            for name, spec in expected_layout(resolution, top_k).items()
+        }
 
     def append(self, columns: dict[str, Any]) -> None:
         """Write one batch: every dataset's rows for the next len(columns['path']) images."""
         size = len(columns["path"])
         rows = slice(self.rows, self.rows + size)
-        for name in STRING_COLUMNS:
-            self.handle[name][rows] = list(columns[name])
-        self.handle["label"][rows] = np.asarray(columns["label"], dtype=np.uint8)
-        self.handle["has_mask"][rows] = np.asarray(columns["has_mask"], dtype=bool)
         maps = np.asarray(columns["maps"], dtype=np.float16)
-        self.handle["maps"][rows] = maps
         if size:
             self.map_min = min(self.map_min, float(maps.min()))
             self.map_max = max(self.map_max, float(maps.max()))
-        for name in COMPONENTS:
-            self.handle[name][rows] = np.asarray(columns[name], dtype=np.float32)
-        self.handle["retrieved"][rows] = np.asarray(columns["retrieved"], dtype=np.int32)
+        for name, dataset in self.datasets.items():
+            values = maps if name == "maps" else columns[name]
+            dataset[rows] = list(values) if name in STRING_COLUMNS else np.asarray(values, dtype=dataset.dtype)
         self.rows += size
+
+
+def scores_bytes(count: int, resolution: int, top_k: int) -> int:
+    """About what a scores file of `count` rows takes on disk (maps dominate), for the space check."""
+    return count * (2 * resolution * resolution + 4 * len(COMPONENTS) + 4 * top_k + 256) + HDF5_MARGIN_BYTES
 
 
 @contextmanager
 def write_scores(path: Path, count: int, resolution: int, top_k: int, attrs: dict[str, Any]) -> Iterator[ScoresWriter]:
-    """Create scores.h5 atomically: it appears under its name only once every row is written."""
-    with atomic_path(Path(path)) as tmp:
-        with h5py.File(tmp, "w") as handle:
-            for key, value in attrs.items():
-                handle.attrs[key] = value
-            writer = ScoresWriter(handle, count, resolution, top_k)
-            yield writer
-            if writer.rows != count:
-                raise RuntimeError(f"scores: wrote {writer.rows} of {count} rows")
-            handle.attrs["map_min"] = writer.map_min if count else 0.0
-            handle.attrs["map_max"] = writer.map_max if count else 0.0
-            handle.attrs["complete"] = True
+    """Create scores.h5 atomically: it appears under its name only once every row is written.
+
+    The free space is checked before any work; a write that fails all the same is one line,
+    and no `scores.h5.tmp` is left (`iipad_cli.writes`).
+    """
+    path = Path(path)
+    require_space(path, scores_bytes(count, resolution, top_k))
+    with atomic_path(path) as tmp:
+        handle = h5py.File(tmp, "w")
+        # The file and the writer's datasets, abandoned together if a write fails (`hdf5_writes`).
+        objects: list[object] = [handle]
+        try:
+            with hdf5_writes(path, objects):
+                for key, value in attrs.items():
+                    handle.attrs[key] = value
+                writer = ScoresWriter(handle, count, resolution, top_k)
+                objects.append(writer)
+                yield writer
+                if writer.rows != count:
+                    raise RuntimeError(f"scores: wrote {writer.rows} of {count} rows")
+                handle.attrs["map_min"] = writer.map_min if count else 0.0
+                handle.attrs["map_max"] = writer.map_max if count else 0.0
+                handle.attrs["complete"] = True
+                writer.datasets = {}
+                handle.close()
+        finally:
+            if handle.id.valid and not abandoned(objects):
+                handle.close()
 
 
 def _attr(value: Any) -> Any:
@@ -115,14 +130,32 @@ def _attr(value: Any) -> Any:
     return value
 
 
+def expected_layout(resolution: int, top_k: int) -> dict[str, Spec]:
+    """Every dataset of a scores file, with its dtype and shape (N test images)."""
+    return {
+        **{name: Spec("object", ("N",)) for name in STRING_COLUMNS},
+        "label": Spec("uint8", ("N",)),
+        "has_mask": Spec("bool", ("N",)),
+        "maps": Spec("float16", ("N", resolution, resolution)),
+        **{name: Spec("float32", ("N",)) for name in COMPONENTS},
+        "retrieved": Spec("int32", ("N", top_k)),
+    }
+
+
 def read_scores_attrs(path: Path) -> dict[str, Any]:
+    """The attributes of a complete scores file whose datasets match the schema exactly."""
     try:
         with h5py.File(path, "r") as handle:
             attrs = {key: _attr(value) for key, value in handle.attrs.items()}
+            found = {name: Found(str(item.dtype), tuple(item.shape)) for name, item in handle.items() if isinstance(item, h5py.Dataset)}
+            groups = sorted(name for name, item in handle.items() if not isinstance(item, h5py.Dataset))
     except OSError as error:
-        raise IipadError(f"{path}: not a readable HDF5 file ({error})") from None
+        raise IipadError(f"{path}: not a readable HDF5 file ({str(error).splitlines()[0]}); run `iipad score` to rewrite it") from None
     if not attrs.get("complete"):
         raise IipadError(f"{path}: incomplete scores file; run `iipad score` again")
+    if groups:
+        raise IipadError(f"{path}: not a valid scores file (has unexpected {', '.join(groups)})")
+    check_arrays(path, found, expected_layout(int(attrs["resolution"]), int(attrs["top_k"])), "scores file")
     return attrs
 
 

@@ -19,6 +19,7 @@ from iipad_cli.devices import resolve_device
 from iipad_cli.errors import IipadError
 from iipad_cli.models.anomaly import instance_prompts, normalise
 from iipad_cli.pipeline.bank import BankOptions
+from iipad_cli.runlock import run_lock
 from iipad_cli.schema.banks import Banks, save_banks
 from iipad_cli.schema.features import features_precision, read_split
 from iipad_cli.stages._scoring import check_finite_features, features_to_device, load_run_models
@@ -26,7 +27,12 @@ from iipad_cli.ui import log
 
 
 def build_banks(run_dir: Path, options: BankOptions) -> Path:
-    """Write RUN/banks.safetensors; returns its path."""
+    """Write RUN/banks.safetensors (run directory locked, checked writable first); returns its path."""
+    with run_lock(run_dir, "bank", create=False):
+        return _build_banks(Path(run_dir), options)
+
+
+def _build_banks(run_dir: Path, options: BankOptions) -> Path:
     started = time.perf_counter()
     options.validate()
     torch.manual_seed(options.seed)

@@ -21,12 +21,14 @@ from iipad_cli.artifacts import (
     write_json_atomic,
     write_text_atomic,
 )
+from iipad_cli.errors import IipadError
 from iipad_cli.pipeline.metrics import EvaluateOptions
 from iipad_cli.reporting.decisions import threshold_section
 from iipad_cli.reporting.document import build_document, title
 from iipad_cli.reporting.inputs import load_run, run_info
 from iipad_cli.reporting.render import to_csv
-from iipad_cli.ui import log
+from iipad_cli.runlock import run_lock
+from iipad_cli.ui import log, warn
 
 
 def _warner(document: dict[str, Any], quiet: bool) -> Callable[[str], None]:
@@ -40,7 +42,8 @@ def _warner(document: dict[str, Any], quiet: bool) -> Callable[[str], None]:
 
 
 def evaluate_run(run_dir: Path, options: EvaluateOptions) -> dict[str, Any]:
-    """Metrics of one run; writes RUN/metrics.json and RUN/metrics.csv and records the stage."""
+    """Metrics of one run; writes RUN/metrics.json and RUN/metrics.csv and records the stage
+    (or warns, when they cannot be written: the caller prints the numbers all the same)."""
     options.validate()
     run_dir = Path(run_dir)
     started = time.perf_counter()
@@ -51,18 +54,29 @@ def evaluate_run(run_dir: Path, options: EvaluateOptions) -> dict[str, Any]:
         run_dir, run_dir / SCORES_FILE, classes, options.image_score, _warner(document, options.quiet)
     )
     document["title"] = title(document)
-    write_json_atomic(run_dir / METRICS_JSON, document)
-    write_text_atomic(run_dir / METRICS_CSV, to_csv(document))
     seconds = time.perf_counter() - started
     images = sum(c["images"] for c in document["classes"].values())
     log(f"metrics: {run_dir} — {images} images in {seconds:.1f} s ({images / max(seconds, 1e-9):.1f} images/s)", options.quiet)
-    record_stage(
-        run_dir,
-        "metrics",
-        options=options.recorded(),
-        inputs={SCORES_FILE: sha256_file(run_dir / SCORES_FILE), FEATURES_FILE: features_sha256},
-        outputs={METRICS_JSON: sha256_file(run_dir / METRICS_JSON), METRICS_CSV: sha256_file(run_dir / METRICS_CSV)},
-        seconds=seconds,
-        extra={"images_per_second": images / max(seconds, 1e-9)},
-    )
+    try:
+        _save(run_dir, document, options, features_sha256, seconds)
+    except IipadError as error:
+        # The numbers still go to stdout; only the files beside the run are missing.
+        warn(f"results not saved: {error}")
     return document
+
+
+def _save(run_dir: Path, document: dict[str, Any], options: EvaluateOptions, features_sha256: str, seconds: float) -> None:
+    """metrics.json, metrics.csv and the manifest entry, under the run directory's lock."""
+    images = sum(c["images"] for c in document["classes"].values())
+    with run_lock(run_dir, "metrics", create=False):
+        write_json_atomic(run_dir / METRICS_JSON, document)
+        write_text_atomic(run_dir / METRICS_CSV, to_csv(document))
+        record_stage(
+            run_dir,
+            "metrics",
+            options=options.recorded(),
+            inputs={SCORES_FILE: sha256_file(run_dir / SCORES_FILE), FEATURES_FILE: features_sha256},
+            outputs={METRICS_JSON: sha256_file(run_dir / METRICS_JSON), METRICS_CSV: sha256_file(run_dir / METRICS_CSV)},
+            seconds=seconds,
+            extra={"images_per_second": images / max(seconds, 1e-9)},
+        )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.progress import Progress, TaskID
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
 
 from iipad_cli import __version__
@@ -35,6 +35,7 @@ from iipad_cli.models.backbone import Backbone
 from iipad_cli.checkpoints import find_weights, load_backbone
 from iipad_cli.models.registry import get_spec
 from iipad_cli.pipeline.extract import ExtractOptions, default_run_dir, default_workers, listing_digest
+from iipad_cli.runlock import run_lock
 from iipad_cli.schema.features import (
     ATTR_DEFAULTS,
     FEATURE_FIELDS,
@@ -42,10 +43,15 @@ from iipad_cli.schema.features import (
     FeaturesWriter,
     differing_attrs,
     read_attrs,
+    read_split,
 )
 from iipad_cli.ui import log, progress
+from iipad_cli.writes import HDF5_MARGIN_BYTES, require_space
 
 PARTIAL_SUFFIX = ".partial"
+# Longest wait for one batch from the decoding workers before giving up (a batch takes well under
+# a second to decode; a worker whose hand-over failed would otherwise be waited for forever).
+WORKER_TIMEOUT_S = 120
 
 
 @dataclass(frozen=True)
@@ -105,7 +111,43 @@ def _collate(items: list[_Item]) -> _Batch:
             return _Batch(indices, None, None, item.error)
     images = torch.stack([item.image for item in items if item.image is not None])
     masks = np.stack([item.mask for item in items]) if items[0].mask is not None else None
+    if get_worker_info() is not None:
+        # A worker hands the batch over through shared memory (/dev/shm). Left to the queue's
+        # feeder thread, a failure there (full /dev/shm, `ulimit -f`) is only printed and the
+        # batch never arrives: the main process waited forever. Allocated here, the failure
+        # travels to the main process as a one-line error instead.
+        try:
+            images.share_memory_()
+        except (OSError, RuntimeError) as error:
+            reason = str(error).splitlines()[0]
+            return _Batch(
+                indices,
+                None,
+                None,
+                f"a DataLoader worker could not pass decoded images through shared memory ({reason}); "
+                "free /dev/shm, raise `ulimit -f`, or rerun with --workers 0",
+            )
     return _Batch(indices, images, masks, None)
+
+
+def _batches(loader: DataLoader) -> Iterator[_Batch]:
+    """The loader's batches; a worker that dies (OOM killer, signal) or stops delivering is one
+    line within seconds (PyTorch checks its workers every 5 s), never a hang or a traceback."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as error:
+            reason = str(error).splitlines()[0]
+            if "DataLoader" not in reason:
+                raise
+            raise IipadError(
+                f"image decoding failed: {reason} (out of memory, or /dev/shm full?); "
+                "rerun to resume, with --workers 0 to decode in the main process"
+            ) from None
+        yield batch
 
 
 def _weights_attrs(spec: BackboneSpec, weights_dir: Path | None) -> dict[str, Any]:
@@ -154,22 +196,37 @@ def _file_attrs(
     }
 
 
-def _describe_difference(path: Path, stored: dict[str, Any], expected: dict[str, Any], keys: list[str]) -> str:
+def _listing_change(path: Path, dataset: Dataset) -> str:
+    """"the file list changed: N removed (first), M added" between a features file and the data."""
+    stored = {split: set(read_split(path, split, ["path"])["path"]) for split in ("train", "test")}
+    current = {sample.rel_path for sample in (*dataset.train, *dataset.test)}
+    removed = sorted((stored["train"] | stored["test"]) - current)
+    added = sorted({sample.rel_path for sample in dataset.test} - stored["test"])
+    if not removed and not added:
+        return "the file list changed (images that are neither its shots nor its test images)"
+    parts = [f"{len(removed)} removed" + (f" ({removed[0]}{', ...' if len(removed) > 1 else ''})" if removed else "")]
+    parts.append(f"{len(added)} added" + (f" ({added[0]}{', ...' if len(added) > 1 else ''})" if added else ""))
+    return "the file list changed: " + ", ".join(parts)
+
+
+def _describe_difference(path: Path, stored: dict[str, Any], expected: dict[str, Any], keys: list[str], dataset: Dataset) -> str:
+    if keys == ["samples_sha256"]:
+        return f"{path}: {_listing_change(path, dataset)} since it was made; pass --force to extract again"
     key = keys[0]
     more = f" (and {', '.join(keys[1:])})" if len(keys) > 1 else ""
     return f"{path}: made with {key} {stored.get(key, ATTR_DEFAULTS.get(key))!r}, not {expected[key]!r}{more}; pass --force to replace it"
 
 
-def _refuse_other_options(path: Path, attrs: dict[str, Any]) -> dict[str, Any]:
+def _refuse_other_options(path: Path, attrs: dict[str, Any], dataset: Dataset) -> dict[str, Any]:
     """The stored attributes of `path`, or an IipadError when they differ from `attrs` in any identity key."""
     stored = read_attrs(path)
     changed = differing_attrs(stored, attrs)
     if changed:
-        raise IipadError(_describe_difference(path, stored, attrs, changed))
+        raise IipadError(_describe_difference(path, stored, attrs, changed, dataset))
     return stored
 
 
-def _is_current(final: Path, partial: Path, attrs: dict[str, Any], force: bool) -> bool:
+def _is_current(final: Path, partial: Path, attrs: dict[str, Any], force: bool, dataset: Dataset) -> bool:
     """True when `final` already holds these options' features; otherwise clears the way to (re)write.
 
     A complete file made with other options is refused unless `force` (it is replaced only once
@@ -177,14 +234,14 @@ def _is_current(final: Path, partial: Path, attrs: dict[str, Any], force: bool) 
     with other options is refused unless `force`, and one left unreadable by a crash is dropped.
     """
     if final.is_file() and not force:
-        if _refuse_other_options(final, attrs).get("complete", False):
+        if _refuse_other_options(final, attrs, dataset).get("complete", False):
             return True
     if partial.is_file():
         stored = _readable_attrs(partial)
         if stored is None or force:
             partial.unlink()
         else:
-            _refuse_other_options(partial, attrs)
+            _refuse_other_options(partial, attrs, dataset)
     return False
 
 
@@ -204,6 +261,12 @@ def _feature_shapes(spec: BackboneSpec) -> FeatureShapes:
         vv=(len(spec.vv_layers), patches, spec.embed_dim),
         mem=(len(spec.memory_layers), patches, spec.vision_width),
     )
+
+
+def _bytes_per_image(shapes: FeatureShapes, resolution: int) -> int:
+    """fp16 features + the test mask + room for the strings and the chunk index, per image."""
+    features = sum(2 * int(np.prod(shapes.of(name))) for name in FEATURE_FIELDS)
+    return features + resolution * resolution + 1024
 
 
 def _check_finite(features: dict[str, np.ndarray], samples: Sequence[Sample]) -> None:
@@ -251,8 +314,9 @@ def _extract_split(
         shuffle=False,
         num_workers=workers,
         collate_fn=_collate,
+        timeout=WORKER_TIMEOUT_S if workers else 0,
     )
-    for batch in loader:
+    for batch in _batches(loader):
         if batch.error is not None:
             raise IipadError(batch.error)
         assert batch.images is not None
@@ -292,22 +356,44 @@ def run_extract(options: ExtractOptions) -> Path:
     # Other options are reported before looking for weights, so "made with backbone tiny" is not
     # hidden behind "weights for vit-l-14 not found".
     if final.is_file() and not options.force:
-        _refuse_other_options(final, attrs)
+        _refuse_other_options(final, attrs, dataset)
     attrs.update(_weights_attrs(spec, options.weights))
-    if _is_current(final, partial, attrs, options.force):
-        log(f"{final}: up to date (same options), nothing to do", options.quiet)
-        return run_dir
+    with run_lock(run_dir, "extract"):
+        if _is_current(final, partial, attrs, options.force, dataset):
+            log(f"{final}: up to date (same options), nothing to do", options.quiet)
+            return run_dir
+        _extract_into(run_dir, options, dataset, shots, spec, attrs, started, device, precision)
+    return run_dir
 
+
+def _extract_into(
+    run_dir: Path,
+    options: ExtractOptions,
+    dataset: Dataset,
+    shots: Sequence[Sample],
+    spec: BackboneSpec,
+    attrs: dict[str, Any],
+    started: float,
+    device: torch.device,
+    precision: str,
+) -> None:
+    """Encode what the partial file still lacks, then publish it as `features.h5` (run directory locked)."""
+    final = run_dir / FEATURES_FILE
+    partial = run_dir / (FEATURES_FILE + PARTIAL_SUFFIX)
+    splits = {"train": list(shots), "test": list(dataset.test)}
+    shapes = _feature_shapes(spec)
+    total = sum(len(samples) for samples in splits.values())
+    if not partial.is_file():  # checked before loading the encoders; a resume is checked below
+        require_space(partial, total * _bytes_per_image(shapes, options.resolution) + HDF5_MARGIN_BYTES)
     backbone = load_backbone(spec, options.weights, device, precision)
     trunk = "shared by CLIP and the Q-Former" if backbone.trunk_shared else "not shared (Q-Former runs its own tower)"
     weights_note = " (random weights)" if attrs["random_weights"] else ""
     log(f"backbone {spec.backbone_id}{weights_note} on {device}, {describe_precision(precision, device)}; ViT trunk {trunk}", options.quiet)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    splits = {"train": list(shots), "test": list(dataset.test)}
-    with FeaturesWriter(partial, {**attrs, "weights": backbone.weights}, _feature_shapes(spec), options.resolution) as writer:
+    with FeaturesWriter(partial, {**attrs, "weights": backbone.weights}, shapes, options.resolution) as writer:
         remaining = sum(len(samples) - writer.rows_written(split) for split, samples in splits.items())
-        total = sum(len(samples) for samples in splits.values())
+        # The rest of the file must fit, not just the next batch.
+        require_space(partial, remaining * _bytes_per_image(shapes, options.resolution))
         if remaining < total:
             log(f"{partial}: resuming, {total - remaining} of {total} images already stored", options.quiet)
         with progress(options.quiet) as bar:
@@ -335,5 +421,4 @@ def run_extract(options: ExtractOptions) -> Path:
             "bf16_units": bf16_units(device),
         },
     )
-    return run_dir
 

@@ -75,6 +75,7 @@ from iipad_cli.thresholds import (
 )
 from iipad_cli.ui import err_console, log, progress
 from iipad_cli.viz import heatmap_figure, save_png
+from iipad_cli.writes import writable_directory
 
 PREDICTIONS_CSV = "predictions.csv"
 PREDICT_JSON = "predict.json"
@@ -402,6 +403,8 @@ def predict(run_dir: Path, inputs: Sequence[str], out_dir: Path, options: Predic
         paths = group.from_main(lambda: expand_inputs(inputs))
         names = output_names(paths)
         shard = shard_range(len(paths), options.batch_size, launch.rank, launch.world_size)
+        # Checked before the models load, not when the first map is written.
+        group.collectively(lambda: writable_directory(out_dir))
         (out_dir / MASKS_DIR).mkdir(parents=True, exist_ok=True)
         outcome = group.collectively(
             lambda: _predict_shard(run_dir, paths, names, shard, out_dir, options, device, launch)

@@ -35,6 +35,7 @@ from iipad_cli.data.images import load_rgb
 from iipad_cli.devices import resolve_device
 from iipad_cli.errors import IipadError
 from iipad_cli.pipeline.score import ScoreOptions
+from iipad_cli.runlock import run_lock
 from iipad_cli.schema.features import features_precision, read_split
 from iipad_cli.schema.scores import load_scores, write_scores
 from iipad_cli.schema.thresholds import THRESHOLDS_FILE, write_thresholds
@@ -50,6 +51,7 @@ from iipad_cli.stages._scoring import (
 from iipad_cli.stages.calibrate import derive_thresholds
 from iipad_cli.ui import err_console, log, progress
 from iipad_cli.viz import heatmap_figure, save_png
+from iipad_cli.writes import writable_directory
 
 RANDOM_NOTE = " (random weights)"
 
@@ -60,11 +62,18 @@ def resized_image(path: Path, resolution: int) -> np.ndarray:
 
 
 def score_run(run_dir: Path, options: ScoreOptions) -> Path:
-    """Write RUN/scores.h5 (and heatmaps when asked); returns its path."""
+    """Write RUN/scores.h5 (and heatmaps when asked; run directory locked, checked writable
+    first); returns its path."""
+    with run_lock(run_dir, "score", create=False):
+        return _score_run(Path(run_dir), options)
+
+
+def _score_run(run_dir: Path, options: ScoreOptions) -> Path:
     started = time.perf_counter()
     options.validate()
+    if options.heatmaps is not None:
+        writable_directory(options.heatmaps)  # before the scoring, not after it
     torch.manual_seed(options.seed)
-    run_dir = Path(run_dir)
     device = resolve_device(options.device)
     models = attach_banks(load_run_models(run_dir, weights=options.weights, device=device, force=options.force), options.force)
     assert models.banks is not None

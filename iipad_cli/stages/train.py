@@ -37,6 +37,7 @@ from iipad_cli.checkpoints import load_backbone
 from iipad_cli.models.registry import get_spec
 from iipad_cli.pipeline.train import SCHEDULES, TrainOptions, effective_preset, recorded_options
 from iipad_cli.prompts import manual_prompt_embeddings, select_prompts
+from iipad_cli.runlock import run_lock
 from iipad_cli.schema.features import check_backbone_weights, features_precision, load_features_attrs, read_split
 from iipad_cli.schema.generator import read_generator_metadata, save_generator
 from iipad_cli.ui import log, progress
@@ -129,7 +130,14 @@ def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def train(run_dir: Path, options: TrainOptions) -> TrainResult:
-    """Train the generator of `run_dir` and write its artifacts (see module docstring)."""
+    """Train the generator of `run_dir` and write its artifacts (see module docstring).
+
+    The run directory is locked, and checked writable, before any work."""
+    with run_lock(run_dir, "train", create=False):
+        return _train(Path(run_dir), options)
+
+
+def _train(run_dir: Path, options: TrainOptions) -> TrainResult:
     started = time.perf_counter()
     run_dir = Path(run_dir)
     features_path = run_dir / FEATURES_FILE
