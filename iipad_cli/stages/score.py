@@ -71,8 +71,9 @@ def score_run(run_dir: Path, options: ScoreOptions) -> Path:
 def _score_run(run_dir: Path, options: ScoreOptions) -> Path:
     started = time.perf_counter()
     options.validate()
-    if options.heatmaps is not None:
-        writable_directory(options.heatmaps)  # before the scoring, not after it
+    heatmaps = options.heatmaps_target(run_dir)
+    if heatmaps is not None:
+        writable_directory(heatmaps)  # before the scoring, not after it
     torch.manual_seed(options.seed)
     device = resolve_device(options.device)
     models = attach_banks(load_run_models(run_dir, weights=options.weights, device=device, force=options.force), options.force)
@@ -148,7 +149,6 @@ def _score_run(run_dir: Path, options: ScoreOptions) -> Path:
     log(f"scored {len(paths)} test images in {score_seconds:.1f} s ({rate:.2f} images/s){note} -> {out}", options.quiet)
     write_thresholds(run_dir / THRESHOLDS_FILE, thresholds)
     written = 0
-    heatmaps = options.heatmaps_target(run_dir)
     if heatmaps is not None:
         written = write_heatmaps(run_dir, heatmaps, quiet=options.quiet)
     record_stage(
