@@ -429,7 +429,7 @@ def _edit_banks(run_dir: Path, edit) -> None:
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
     edit(tensors)
-    save_file(tensors, str(path), metadata=metadata)
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path), metadata=metadata)
 
 
 @pytest.mark.parametrize(
