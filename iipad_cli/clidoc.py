@@ -51,11 +51,19 @@ def _help_text(app: typer.Typer, path: list[str]) -> str:
     return "\n".join(line.rstrip() for line in lines).strip("\n")
 
 
+def exit_codes() -> str:
+    """The exit-code table (iipad_cli.errors.EXIT_CODES)."""
+    from iipad_cli.errors import EXIT_CODES
+
+    rows = "\n".join(f"| {code} | {meaning} |" for code, meaning in EXIT_CODES.items())
+    return f"## Exit codes\n\nEvery command exits with one of these codes.\n\n| code | meaning |\n|---|---|\n{rows}\n"
+
+
 def render() -> str:
     """The whole of docs/cli.md as one string."""
     from iipad_cli.cli import app
 
-    sections = [HEADER]
+    sections = [HEADER, exit_codes()]
     for path in _commands(typer.main.get_command(app), ["iipad"]):
         sections.append(f"## `{' '.join(path)}`\n\n```text\n{_help_text(app, path)}\n```\n")
     return "\n".join(sections)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from iipad_cli.errors import IipadError
+from iipad_cli.errors import IipadError, UsageError  # UsageError: a command started in a way it does not support
 
 if TYPE_CHECKING:
     import torch
@@ -39,8 +39,6 @@ DISTRIBUTED_COMMANDS = frozenset({"predict"})
 # (a shared node, a slow disk) must not trip it.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=24)
 
-class UsageError(IipadError):
-    """A command started in a way it does not support (the CLI exits with code 2)."""
 
 
 @dataclass(frozen=True)

@@ -311,7 +311,6 @@ def _no_train_good(root: Path) -> Path:
         (_mismatched_mask, [], "mask is 16x20 but its image is 20x16"),
         (_no_train_good, [], "class 'other' has no train/good directory"),
         (lambda root: root / "part", ["-k", "3"], "only 2 normal training images"),
-        (lambda root: root, ["--layout", "imagenet"], "unknown layout 'imagenet'"),
     ],
 )
 @pytest.mark.parametrize("workers", ["0", "1"])

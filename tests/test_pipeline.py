@@ -76,7 +76,7 @@ def test_run_accepts_the_options_a_new_user_tried(monkeypatch: pytest.MonkeyPatc
 
 def test_bad_late_stage_option_fails_before_anything_runs(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["run", str(tmp_path / "absent"), "-k", "1", "-o", str(tmp_path / "r"), "--score-batch-size", "0"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # bad usage
     assert "--batch-size must be at least 1, got 0" in result.stderr
     assert not (tmp_path / "r").exists()
 

@@ -203,9 +203,13 @@ def test_refuses_features_from_other_weights(run_dir: Path):
 
 
 def test_rejects_bad_options(run_dir: Path):
-    assert "--batch-size must be at least 1" in invoke_train(run_dir, "--batch-size", "0").output
-    assert "unknown schedule" in invoke_train(run_dir, "--schedule", "linear").output
-    assert "unknown preset" in invoke_train(run_dir, "--preset", "nope").output
+    for args, message in (
+        (("--batch-size", "0"), "--batch-size must be at least 1"),
+        (("--schedule", "linear"), "--schedule must be one of: official-cosine, constant, not 'linear'"),
+        (("--preset", "nope"), "--preset must be official or paper, not 'nope'"),
+    ):
+        result = invoke_train(run_dir, *args)
+        assert result.exit_code == 2 and message in result.output  # bad usage
 
 
 def test_missing_features_is_one_line_error(tmp_path: Path):

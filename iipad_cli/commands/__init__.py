@@ -21,7 +21,7 @@ from typing import Any, get_type_hints
 
 import typer
 
-from iipad_cli.errors import IipadError
+from iipad_cli.errors import IipadError, UsageError
 from iipad_cli.ui import err_console
 from iipad_cli.writes import hdf5_left_open, quiet_hdf5_write_errors, write_failure
 
@@ -30,17 +30,30 @@ COMMAND_MODULES: tuple[str, ...] = ("extract", "train", "bank", "score", "metric
 
 
 def report_error(error: IipadError) -> typer.Exit:
+    """Print the error as one line; the exit code is 2 for a UsageError, 1 otherwise."""
+    code = 2 if isinstance(error, UsageError) else 1
     err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
     if hdf5_left_open():
         # h5py's finalisers would crash the interpreter on the file a failed write left open.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(1)
-    return typer.Exit(code=1)
+        os._exit(code)
+    return typer.Exit(code=code)
 
 
-def command(func: Callable[..., Any]) -> Callable[..., Any]:
-    """`func` as Typer sees it: options dataclasses expanded into their fields, errors reported."""
+def _interrupted(resumable: bool) -> typer.Exit:
+    if resumable:
+        message = "interrupted; rerun the same command to resume (finished work is kept)"
+    else:
+        message = "interrupted; no artifact was replaced (each is written whole or not at all)"
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=130)
+
+
+def command(func: Callable[..., Any], *, resumable: bool = False) -> Callable[..., Any]:
+    """`func` as Typer sees it: options dataclasses expanded into their fields (and validated
+    before anything runs), errors reported, Ctrl-C exit code 130 (docs/cli.md, exit codes).
+    `resumable`: the command continues where it stopped when rerun (said on Ctrl-C)."""
     hints = get_type_hints(func, include_extras=True)
     expanded: dict[str, type] = {}
     params: list[inspect.Parameter] = []
@@ -67,7 +80,12 @@ def command(func: Callable[..., Any]) -> Callable[..., Any]:
             arguments[name] = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
         sys.unraisablehook = quiet_hdf5_write_errors
         try:
+            for value in arguments.values():
+                if dataclasses.is_dataclass(value) and hasattr(value, "validate"):
+                    value.validate()
             return func(**arguments)
+        except KeyboardInterrupt:
+            raise _interrupted(resumable) from None
         except IipadError as error:
             raise report_error(error) from None
         except (OSError, RuntimeError) as error:

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from iipad_cli.commands import command
-from iipad_cli.errors import IipadError
+from iipad_cli.errors import UsageError
 from iipad_cli.pipeline.metrics import EvaluateOptions
 
 
@@ -42,22 +42,25 @@ def metrics_command(
 
     Example: iipad metrics --maps maps/ --data data/mvtec --csv
     """
+    from iipad_cli.reporting.compare import check_comparable
     from iipad_cli.reporting.document import combine_runs
     from iipad_cli.reporting.maps import evaluate_maps
     from iipad_cli.reporting.render import to_csv, to_table
     from iipad_cli.stages.evaluate import evaluate_run
 
     if sum((table, as_json, as_csv)) > 1:
-        raise IipadError("choose one of --table, --json, --csv")
+        raise UsageError("choose one of --table, --json, --csv")
     if maps is not None:
         if runs:
-            raise IipadError("give either run directories or --maps, not both")
+            raise UsageError("give either run directories or --maps, not both")
         if data is None:
-            raise IipadError("--maps needs --data ROOT (the MVTec-layout ground truth)")
+            raise UsageError("--maps needs --data ROOT (the MVTec-layout ground truth)")
         document = evaluate_maps(maps, data, scores, options)
     elif not runs:
-        raise IipadError("give at least one run directory, or --maps DIR --data ROOT")
+        raise UsageError("give at least one run directory, or --maps DIR --data ROOT")
     else:
+        if len(runs) > 1:
+            check_comparable(runs)
         documents = [evaluate_run(run, options) for run in runs]
         document = documents[0] if len(documents) == 1 else combine_runs(documents)
     if as_csv:

@@ -7,7 +7,7 @@ from typing import Any, Optional
 from iipad_cli import options as o
 from iipad_cli.artifacts import BANKS_FILE
 from iipad_cli.pipeline.score import DEFAULT_BATCH
-from iipad_cli.pipeline.stage import Stage, at_least, weights_text
+from iipad_cli.pipeline.stage import Stage, at_least, device_name, weights_text
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class BankOptions:
 
     def validate(self) -> None:
         at_least("--batch-size", self.batch_size, 1)
+        device_name(self.device)
 
     def recorded(self) -> dict[str, Any]:
         return {**asdict(self), "weights": weights_text(self.weights)}

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from iipad_cli import options as o
 from iipad_cli.artifacts import FEATURES_FILE, sha256_json
-from iipad_cli.pipeline.stage import Stage, at_least, weights_text
+from iipad_cli.pipeline.stage import Stage, at_least, backbone_id, device_name, one_of, weights_text
 
 if TYPE_CHECKING:
     from iipad_cli.data.layouts import Dataset
@@ -58,7 +58,14 @@ class ExtractOptions:
     NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"batch_size", "workers", "device", "precision_requested"})
 
     def validate(self) -> None:
+        from iipad_cli.data.layouts import LAYOUTS
+        from iipad_cli.data.shots import SHOT_POLICIES
+
         at_least("--shots", self.shots, 1)
+        one_of("--layout", self.layout, LAYOUTS)
+        one_of("--shot-policy", self.shot_policy, SHOT_POLICIES)
+        backbone_id(self.backbone)
+        device_name(self.device)
         at_least("--resolution", self.resolution, 1)
         at_least("--batch-size", self.batch_size, 1)
         if self.workers is not None:

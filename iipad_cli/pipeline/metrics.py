@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from iipad_cli import options as o
 from iipad_cli.artifacts import METRICS_JSON
-from iipad_cli.errors import IipadError
+from iipad_cli.errors import UsageError
 from iipad_cli.metrics import DEFAULT_PRO_LIMIT
 from iipad_cli.pipeline.stage import Stage, one_of
 from iipad_cli.reporting.columns import metric_keys
@@ -34,7 +34,7 @@ class EvaluateOptions:
         one_of("--image-score", self.image_score, ("stored", "paper", "official"))
         one_of("--pro-variant", self.pro_variant, ("exact", "legacy"))
         if not 0.0 < self.pro_limit <= 1.0:
-            raise IipadError(f"--pro-limit must be in (0, 1], got {self.pro_limit}")
+            raise UsageError(f"--pro-limit must be in (0, 1], got {self.pro_limit}")
 
     def key(self, run_dir: Path) -> dict[str, Any]:
         return self.recorded()

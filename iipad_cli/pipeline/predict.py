@@ -7,7 +7,7 @@ import typer
 
 from iipad_cli import options as o
 from iipad_cli.pipeline.score import DEFAULT_BATCH
-from iipad_cli.pipeline.stage import at_least, one_of
+from iipad_cli.pipeline.stage import at_least, device_name, one_of
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +44,7 @@ class PredictOptions:
     def validate(self) -> None:
         at_least("--batch-size", self.batch_size, 1)
         one_of("--resolution", self.resolution, ("224", "native"))
+        device_name(self.device)
         if self.precision is not None:
             from iipad_cli.devices import PRECISIONS
 

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from iipad_cli import options as o
 from iipad_cli.artifacts import FEATURES_FILE, HEATMAPS_DIR, SCORES_FILE, THRESHOLDS_FILE
-from iipad_cli.pipeline.stage import Stage, at_least, weights_text
+from iipad_cli.pipeline.stage import Stage, at_least, device_name, weights_text
 
 # Gaussian smoothing of the maps in pixels (reference-implementation.md), shared with predict.
 DEFAULT_SIGMA = 4.0
@@ -33,6 +33,7 @@ class ScoreOptions:
     def validate(self) -> None:
         at_least("--batch-size", self.batch_size, 1)
         at_least("--sigma", self.sigma, 0)
+        device_name(self.device)
 
     def heatmaps_target(self, run_dir: Path) -> Optional[Path]:
         """Where the heatmaps go, or None for none."""

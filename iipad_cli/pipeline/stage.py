@@ -12,12 +12,13 @@ when called, so building the command line stays cheap.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
-from iipad_cli.errors import IipadError
+from iipad_cli.errors import UsageError
 
 
 class StageOptions(Protocol):
@@ -61,9 +62,24 @@ def weights_text(weights: Path | None) -> str | None:
 def at_least(flag: str, value: int | float, minimum: int | float) -> None:
     """The one check of "FLAG must be at least MINIMUM" (batch sizes, shots, workers, ...)."""
     if value < minimum:
-        raise IipadError(f"{flag} must be at least {minimum}, got {value}")
+        raise UsageError(f"{flag} must be at least {minimum}, got {value}")
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def device_name(value: str) -> None:
+    """--device must name a device kind; whether that device exists is checked when it is used."""
+    if not _DEVICE.fullmatch(value):
+        raise UsageError(f"--device must be auto, cpu, cuda, cuda:N or mps, not {value!r}")
+
+
+def backbone_id(value: str) -> None:
+    from iipad_cli.models.registry import SPECS
+
+    one_of("--backbone", value, tuple(SPECS))
 
 
 def one_of(flag: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise IipadError(f"{flag} must be {', '.join(choices[:-1])} or {choices[-1]}, not {value!r}")
+        raise UsageError(f"{flag} must be {', '.join(choices[:-1])} or {choices[-1]}, not {value!r}")

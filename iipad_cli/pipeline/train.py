@@ -7,9 +7,9 @@ from typing import Any, Optional
 
 from iipad_cli import options as o
 from iipad_cli.artifacts import GENERATOR_FILE
-from iipad_cli.config import Preset, get_preset
-from iipad_cli.errors import IipadError
-from iipad_cli.pipeline.stage import Stage, at_least
+from iipad_cli.config import PRESETS, Preset, get_preset
+from iipad_cli.errors import UsageError
+from iipad_cli.pipeline.stage import Stage, at_least, device_name, one_of
 
 SCHEDULES = ("official-cosine", "constant")
 
@@ -33,6 +33,7 @@ class TrainOptions:
 
     def validate(self) -> None:
         at_least("--batch-size", self.batch_size, 1)
+        device_name(self.device)
         effective_preset(self)
 
     def key(self, run_dir: Path) -> dict[str, Any]:
@@ -44,6 +45,7 @@ class TrainOptions:
 
 def effective_preset(options: TrainOptions) -> Preset:
     """The named preset with the user's overrides applied (the values actually trained with)."""
+    one_of("--preset", options.preset, tuple(PRESETS))
     preset = get_preset(options.preset)
     overrides: dict[str, Any] = {}
     if options.epochs is not None:
@@ -51,14 +53,14 @@ def effective_preset(options: TrainOptions) -> Preset:
         overrides["epochs"] = options.epochs
     if options.lr is not None:
         if not options.lr > 0:
-            raise IipadError(f"--lr must be positive, got {options.lr}")
+            raise UsageError(f"--lr must be positive, got {options.lr}")
         overrides["lr"] = options.lr
     if options.weight_decay is not None:
         at_least("--weight-decay", options.weight_decay, 0)
         overrides["weight_decay"] = options.weight_decay
     if options.schedule is not None:
         if options.schedule not in SCHEDULES:
-            raise IipadError(f"unknown schedule {options.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+            raise UsageError(f"--schedule must be one of: {', '.join(SCHEDULES)}, not {options.schedule!r}")
         overrides["schedule"] = options.schedule
     return dataclasses.replace(preset, **overrides)
 

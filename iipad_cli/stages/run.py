@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from iipad_cli.artifacts import METRICS_JSON, read_manifest, record_stage, sha256_file
-from iipad_cli.errors import IipadError
+from iipad_cli.errors import IipadError, UsageError
+from iipad_cli.runlock import run_lock
 from iipad_cli.pipeline import STAGES
 from iipad_cli.pipeline.run_options import RunOptions, stage_options
 from iipad_cli.ui import err_console, log
@@ -98,6 +99,12 @@ def run_pipeline(options: RunOptions) -> RunResult:
     planned = [(stage, stage_options(stage, options, run_dir)) for stage in STAGES]
     for _, stage_opts in planned:
         stage_opts.validate()
+    # Held across the stages (each takes it again), so no other process writes the run between them.
+    with run_lock(run_dir, "run"):
+        return _run_stages(run_dir, options, planned)
+
+
+def _run_stages(run_dir: Path, options: RunOptions, planned: list[tuple[Any, Any]]) -> RunResult:
     result = RunResult(run_dir=run_dir)
     started = time.perf_counter()
     upstream_ran = False
@@ -139,9 +146,9 @@ def seed_run_dir(run_dir: Path, seed: int) -> Path:
 def run_seeds(options: RunOptions, seeds: list[int]) -> list[RunResult]:
     """One full pipeline per seed (a different K-shot draw and training seed each)."""
     if not seeds:
-        raise IipadError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
+        raise UsageError("--seeds needs at least one seed, e.g. --seeds 0,1,2")
     if len(set(seeds)) != len(seeds):
-        raise IipadError(f"--seeds has repeated values: {seeds}")
+        raise UsageError(f"--seeds has repeated values: {seeds}")
     return [run_pipeline(replace(options, seed=seed, run_dir=seed_run_dir(options.run_dir, seed))) for seed in seeds]
 
 
@@ -149,7 +156,7 @@ def parse_seeds(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise IipadError(f"--seeds {text!r}: expected comma-separated integers such as 0,1,2") from None
+        raise UsageError(f"--seeds {text!r}: expected comma-separated integers such as 0,1,2") from None
 
 
 def load_metrics(run_dir: Path) -> dict[str, Any]:
