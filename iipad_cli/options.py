@@ -52,7 +52,14 @@ Force = Annotated[bool, typer.Option("--force", help="Replace outputs made from 
 Preset = Annotated[str, typer.Option(help="Method preset: official (released code) or paper (equations).")]
 
 DataArg = Annotated[Path, typer.Argument(help="Data set root (MVTec AD, VisA or Folder layout).", metavar="DATA")]
-RunDirArg = Annotated[Path, typer.Argument(help="Run directory (from `iipad extract` or `iipad run`).", metavar="RUN")]
+RunDirArg = Annotated[
+    Optional[Path],
+    typer.Argument(
+        help="Run directory (from `iipad extract` or `iipad run`); read from stdin when omitted (`iipad extract ... | iipad train`).",
+        metavar="[RUN]",
+        show_default=False,
+    ),
+]
 Output = Annotated[
     Optional[Path],
     typer.Option("--output", "-o", help="Run directory (default: runs/<data-dir-name>-<K>shot).", show_default=False),

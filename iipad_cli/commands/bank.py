@@ -6,10 +6,11 @@ import typer
 
 from iipad_cli import options as o
 from iipad_cli.commands import command
+from iipad_cli.ui import print_path, read_run_dir_from_stdin
 from iipad_cli.pipeline.bank import BankOptions
 
 
-def bank_command(run_dir: o.RunDirArg, options: BankOptions) -> None:
+def bank_command(options: BankOptions, run_dir: o.RunDirArg = None) -> None:
     """Build the category-aware banks from the shot images; print the run directory.
 
     Stores each shot image's Q-Former tokens, prompt embeddings and memory-layer patch tokens,
@@ -19,8 +20,10 @@ def bank_command(run_dir: o.RunDirArg, options: BankOptions) -> None:
     """
     from iipad_cli.stages.bank import build_banks
 
+    if run_dir is None:
+        run_dir = read_run_dir_from_stdin()
     build_banks(run_dir, options)
-    typer.echo(str(run_dir))
+    print_path(run_dir)
 
 
 def register(app: typer.Typer) -> None:

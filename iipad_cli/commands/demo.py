@@ -9,6 +9,7 @@ import typer
 
 from iipad_cli import options as o
 from iipad_cli.commands import command
+from iipad_cli.ui import print_path
 
 
 def demo_command(
@@ -40,8 +41,8 @@ def demo_command(
         output, backbone=backbone, weights=weights, shots=shots, epochs=epochs, seed=seed, device=device, quiet=quiet, force=force
     )
     show_demo_summary(result)
-    typer.echo(str(result.run.run_dir))
+    print_path(result.run.run_dir)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("demo")(command(demo_command))
+    app.command("demo")(command(demo_command, resumable=True))

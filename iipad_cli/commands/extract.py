@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from iipad_cli.commands import command
+from iipad_cli.ui import print_path
 from iipad_cli.pipeline.extract import ExtractOptions
 
 
@@ -19,8 +20,8 @@ def extract_command(options: ExtractOptions) -> None:
     """
     from iipad_cli.stages.extract import run_extract
 
-    typer.echo(str(run_extract(options)))
+    print_path(run_extract(options))
 
 
 def register(app: typer.Typer) -> None:
-    app.command("extract")(command(extract_command))
+    app.command("extract")(command(extract_command, resumable=True))

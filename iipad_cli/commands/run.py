@@ -7,6 +7,7 @@ from dataclasses import replace
 import typer
 
 from iipad_cli.commands import command
+from iipad_cli.ui import print_path
 from iipad_cli.pipeline.run_options import RunOptions
 
 
@@ -29,13 +30,13 @@ def run_command(options: RunOptions) -> None:
     if options.seeds is None:
         result = run_stage.run_pipeline(options)
         run_stage.show_table([result.run_dir])
-        typer.echo(str(result.run_dir))
+        print_path(result.run_dir)
         return
     results = run_stage.run_seeds(options, run_stage.parse_seeds(options.seeds))
     run_stage.show_table([result.run_dir for result in results])
     for result in results:
-        typer.echo(str(result.run_dir))
+        print_path(result.run_dir)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("run")(command(run_command))
+    app.command("run")(command(run_command, resumable=True))

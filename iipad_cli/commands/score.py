@@ -6,10 +6,11 @@ import typer
 
 from iipad_cli import options as o
 from iipad_cli.commands import command
+from iipad_cli.ui import print_path, read_run_dir_from_stdin
 from iipad_cli.pipeline.score import ScoreOptions
 
 
-def score_command(run_dir: o.RunDirArg, options: ScoreOptions) -> None:
+def score_command(options: ScoreOptions, run_dir: o.RunDirArg = None) -> None:
     """Anomaly maps and image scores for the test split; print the run directory.
 
     Maps are eq. 18 upsampled and smoothed; the image score follows the preset, and all its
@@ -19,8 +20,10 @@ def score_command(run_dir: o.RunDirArg, options: ScoreOptions) -> None:
     """
     from iipad_cli.stages.score import score_run
 
+    if run_dir is None:
+        run_dir = read_run_dir_from_stdin()
     score_run(run_dir, options)
-    typer.echo(str(run_dir))
+    print_path(run_dir)
 
 
 def register(app: typer.Typer) -> None:

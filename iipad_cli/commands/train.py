@@ -6,10 +6,11 @@ import typer
 
 from iipad_cli import options as o
 from iipad_cli.commands import command
+from iipad_cli.ui import print_path, read_run_dir_from_stdin
 from iipad_cli.pipeline.train import TrainOptions
 
 
-def train_command(run_dir: o.RunDirArg, options: TrainOptions) -> None:
+def train_command(options: TrainOptions, run_dir: o.RunDirArg = None) -> None:
     """Train the class-shared prompt generator; print the run directory.
 
     Reads only the train split of RUN/features.h5 and runs only the generator and the frozen
@@ -20,8 +21,10 @@ def train_command(run_dir: o.RunDirArg, options: TrainOptions) -> None:
     """
     from iipad_cli.stages.train import train
 
+    if run_dir is None:
+        run_dir = read_run_dir_from_stdin()
     train(run_dir, options)
-    typer.echo(str(run_dir))
+    print_path(run_dir)
 
 
 def register(app: typer.Typer) -> None:
