@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shlex
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,10 +89,17 @@ def sha256_json(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def shell_path(path: Path | str) -> str:
+    """A path as a shell word that no command reads as an option (quoted; `./` before a dash)."""
+    text = str(path)
+    return shlex.quote(f"./{text}" if text.startswith("-") else text)
+
+
 def require_file(path: Path, made_by: str) -> Path:
     """The artifact at `path`, or a one-line error saying which stage makes it."""
     if not Path(path).is_file():
-        raise IipadError(f"{path}: missing; run `iipad {made_by}` first")
+        run = f" {shell_path(Path(path).parent)}" if made_by in ("train", "bank", "score") else ""
+        raise IipadError(f"{path}: missing; run `iipad {made_by}{run}` first")
     return Path(path)
 
 

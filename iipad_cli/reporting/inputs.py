@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from iipad_cli.artifacts import FEATURES_FILE, SCORES_FILE, require_file, sha256_file
+from iipad_cli.artifacts import FEATURES_FILE, SCORES_FILE, require_file, sha256_file, shell_path
 from iipad_cli.errors import IipadError
 from iipad_cli.pipeline.metrics import EvaluateOptions
 from iipad_cli.reporting.document import ClassData, LazyMaps
@@ -98,7 +98,7 @@ def load_run(run_dir: Path, options: EvaluateOptions) -> tuple[list[ClassData], 
     features_attrs = load_features_attrs(features_path)
     features_sha256 = sha256_file(features_path)
     if not options.force and attrs.get("features_sha256") != features_sha256:
-        raise IipadError(f"{features_path}: changed after {scores_path.name} was made; run `iipad score` again (or --force)")
+        raise IipadError(f"{features_path}: changed after {scores_path.name} was made; run `iipad score {shell_path(run_dir)}` again (or --force)")
     with h5py.File(scores_path, "r") as handle:
         rel_paths = [str(p) for p in handle["path"].asstr()[()]]
         names = [str(c) for c in handle["cls"].asstr()[()]]
@@ -108,7 +108,7 @@ def load_run(run_dir: Path, options: EvaluateOptions) -> tuple[list[ClassData], 
         maps = handle["maps"][()]
     truth = read_split(features_path, "test", ["path", "mask"])
     if list(truth["path"]) != rel_paths:
-        raise IipadError(f"{scores_path}: its rows are not the test images of {features_path} in order; run `iipad score` again")
+        raise IipadError(f"{scores_path}: its rows are not the test images of {features_path} in order; run `iipad score {shell_path(run_dir)}` again")
     if not np.isfinite(maps).all():
         raise IipadError(f"{scores_path}: maps contain NaN or Inf")
     scores = image_scores(columns, options.image_score)

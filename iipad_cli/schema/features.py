@@ -21,6 +21,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from iipad_cli.artifacts import FEATURES_FILE
 from iipad_cli.errors import IipadError
 from iipad_cli.schema.check import Found, Spec, check_arrays
 from iipad_cli.writes import HDF5_MARGIN_BYTES, abandoned, hdf5_writes, reporting_write_errors, require_space
@@ -188,7 +189,10 @@ def _open(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as error:
-        raise IipadError(f"{path}: not a readable features file ({str(error).splitlines()[0]})") from None
+        from iipad_cli.hints import extract_command
+
+        fix = f"; rebuild it with {extract_command(path.parent, force=True)}" if path.name == FEATURES_FILE else ""
+        raise IipadError(f"{path}: not a readable features file ({str(error).splitlines()[0]}){fix}") from None
 
 
 def read_attrs(path: Path) -> dict[str, Any]:
@@ -224,7 +228,9 @@ def load_features_attrs(path: Path) -> dict[str, Any]:
         raise IipadError(f"{path}: missing; run `iipad extract` first")
     attrs = read_attrs(path)
     if not attrs.get("complete", False):
-        raise IipadError(f"{path}: incomplete features file; re-run `iipad extract` to finish it")
+        from iipad_cli.hints import extract_command
+
+        raise IipadError(f"{path}: incomplete features file; finish it with {extract_command(path.parent, force=False)}")
     check_layout(path, attrs)
     return attrs
 

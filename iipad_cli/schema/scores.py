@@ -25,7 +25,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from iipad_cli.artifacts import atomic_path
+from iipad_cli.artifacts import atomic_path, shell_path
 from iipad_cli.errors import IipadError
 from iipad_cli.schema.check import Found, Spec, check_arrays
 from iipad_cli.writes import HDF5_MARGIN_BYTES, abandoned, hdf5_writes, require_space
@@ -150,9 +150,9 @@ def read_scores_attrs(path: Path) -> dict[str, Any]:
             found = {name: Found(str(item.dtype), tuple(item.shape)) for name, item in handle.items() if isinstance(item, h5py.Dataset)}
             groups = sorted(name for name, item in handle.items() if not isinstance(item, h5py.Dataset))
     except OSError as error:
-        raise IipadError(f"{path}: not a readable HDF5 file ({str(error).splitlines()[0]}); run `iipad score` to rewrite it") from None
+        raise IipadError(f"{path}: not a readable HDF5 file ({str(error).splitlines()[0]}); rewrite it with `iipad score {shell_path(Path(path).parent)}`") from None
     if not attrs.get("complete"):
-        raise IipadError(f"{path}: incomplete scores file; run `iipad score` again")
+        raise IipadError(f"{path}: incomplete scores file; rewrite it with `iipad score {shell_path(Path(path).parent)}`")
     if groups:
         raise IipadError(f"{path}: not a valid scores file (has unexpected {', '.join(groups)})")
     check_arrays(path, found, expected_layout(int(attrs["resolution"]), int(attrs["top_k"])), "scores file")

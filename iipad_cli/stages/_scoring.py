@@ -21,6 +21,7 @@ from torch import Tensor
 from iipad_cli.artifacts import BANKS_FILE, FEATURES_FILE, GENERATOR_FILE, require_file, sha256_file
 from iipad_cli.config import Preset
 from iipad_cli.errors import IipadError
+from iipad_cli.hints import extract_command, stage_command
 from iipad_cli.models.anomaly import AnomalyOutput, anomaly_scores, instance_prompts
 from iipad_cli.models.backbone import Backbone
 from iipad_cli.models.prompt_generator import PromptGenerator
@@ -125,12 +126,12 @@ def attach_banks(models: RunModels, force: bool) -> RunModels:
     _refuse(meta.get("backbone_id") != backbone_id, f"{path}: built for backbone {meta.get('backbone_id')!r}, not {backbone_id!r}", force)
     _refuse(
         meta.get("generator_sha256") != models.generator_sha,
-        f"{path}: built with another {GENERATOR_FILE} (retrained, or from another run); re-run `iipad bank`",
+        f"{path}: built with another {GENERATOR_FILE} (retrained, or from another run); re-run {stage_command('bank', models.run_dir)}",
         force,
     )
     _refuse(
         meta.get("features_sha256") != models.features_sha,
-        f"{path}: built from another {FEATURES_FILE}; re-run `iipad bank`",
+        f"{path}: built from another {FEATURES_FILE}; re-run {stage_command('bank', models.run_dir)}",
         force,
     )
     banks = load_banks(path).to(models.device)
@@ -151,13 +152,15 @@ def encode_for_scoring(models: RunModels, images: Sequence[Tensor]) -> dict[str,
     return {name: getattr(encoded, name).half().float() for name in FEATURE_FIELDS}
 
 
-def check_finite_features(features: dict[str, Tensor], names: Sequence[str], where: str) -> None:
-    """NaN/Inf in any feature of an image is a one-line error naming the image."""
+def check_finite_features(features: dict[str, Tensor], names: Sequence[str], where: str, run_dir: Path | None = None) -> None:
+    """NaN/Inf in any feature of an image is a one-line error naming the image (and, for a run's
+    stored features, the command that rebuilds them)."""
     for field in FEATURE_FIELDS:
         bad = ~torch.isfinite(features[field]).flatten(1).all(dim=1)
         if bool(bad.any()):
             first = int(bad.nonzero()[0, 0])
-            raise IipadError(f"{where}: image {names[first]}: {field} features hold NaN or Inf")
+            fix = f"; rebuild the features with {extract_command(run_dir, force=True)}" if run_dir is not None else ""
+            raise IipadError(f"{where}: image {names[first]}: {field} features hold NaN or Inf{fix}")
 
 
 def _check_finite_output(output: AnomalyOutput, names: Sequence[str]) -> None:

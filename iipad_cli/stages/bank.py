@@ -50,7 +50,7 @@ def _build_banks(run_dir: Path, options: BankOptions) -> Path:
         stop = min(start + options.batch_size, len(paths))
         arrays = {name: np.asarray(train[name][start:stop]) for name in ("cls_token", "qformer", "vv", "mem")}
         features = features_to_device(arrays, device)
-        check_finite_features(features, paths[start:stop], f"{features_path} (train)")
+        check_finite_features(features, paths[start:stop], f"{features_path} (train)", run_dir)
         with torch.inference_mode():
             prompts.append(
                 instance_prompts(

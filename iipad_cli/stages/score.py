@@ -123,7 +123,7 @@ def _score_run(run_dir: Path, options: ScoreOptions) -> Path:
         for start, stop, arrays in iter_feature_rows(features_path, "test", options.batch_size):
             names = paths[start:stop]
             features = features_to_device(arrays, device)
-            check_finite_features(features, names, f"{features_path} (test)")
+            check_finite_features(features, names, f"{features_path} (test)", run_dir)
             result = score_features(models, features, names, top_k=top_k, resolution=resolution, sigma=options.sigma)
             writer.append(
                 {

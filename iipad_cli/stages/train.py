@@ -31,6 +31,7 @@ from iipad_cli.artifacts import (
 from iipad_cli.config import Preset
 from iipad_cli.devices import resolve_device
 from iipad_cli.errors import IipadError
+from iipad_cli.hints import extract_command
 from iipad_cli.losses import normalise, prompt_losses
 from iipad_cli.models.prompt_generator import GeneratorConfig, PromptGenerator
 from iipad_cli.checkpoints import load_backbone
@@ -91,7 +92,9 @@ def read_train_features(path: Path, variant: int, device: torch.device) -> Train
     tensors = {name: torch.from_numpy(data[name]).float() for name in ("cls_token", "qformer", "vv")}
     for name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
-            raise IipadError(f"{path}: train/{name} holds NaN or Inf values; re-run `iipad extract`")
+            raise IipadError(
+                f"{path}: train/{name} holds NaN or Inf values; rebuild the features with {extract_command(path.parent, force=True)}"
+            )
     if not 0 <= variant < tensors["cls_token"].shape[1]:
         raise IipadError(f"{path}: train/cls_token has no variant {variant}")
     return TrainFeatures(
