@@ -508,3 +508,264 @@ def test_scores_are_checked_both_ways(complete_run: Path, tmp_path: Path, edit, 
         read_scores_attrs(run_dir / SCORES_FILE)
     code, _out, err = _invoke("metrics", str(run_dir), "--json")
     assert code == 1 and message.split()[0] in _one_error_line(err)
+
+
+# --- exit codes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["extract", "{data}", "--shots", "0"], "--shots must be at least 1"),
+        (["extract", "{data}", "--shots", "1", "--layout", "bogus"], "--layout must be auto, mvtec, visa or folder"),
+        (["extract", "{data}", "--shots", "1", "--shot-policy", "best"], "--shot-policy must be random or official"),
+        (["extract", "{data}", "--shots", "1", "--backbone", "vit-b"], "--backbone must be"),
+        (["extract", "{data}", "--shots", "1", "--device", "gpu"], "--device must be auto, cpu"),
+        (["train", "{run}", "--preset", "bogus"], "--preset must be official or paper"),
+        (["train", "{run}", "--epochs", "0"], "--epochs must be at least 1"),
+        (["score", "{run}", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["metrics", "{run}", "--json", "--csv"], "choose one of --table, --json, --csv"),
+        (["metrics", "{run}", "--pro-limit", "2"], "--pro-limit must be in (0, 1]"),
+        (["metrics"], "give at least one run directory"),
+        (["run", "{data}", "--shots", "1", "--seeds", "1,1"], "--seeds has repeated values"),
+    ],
+)
+def test_usage_errors_exit_2_before_any_work(args: list[str], message: str, data: Path, complete_run: Path, tmp_path: Path) -> None:
+    before = _hashes(complete_run)
+    filled = [a.replace("{data}", str(data)).replace("{run}", str(complete_run)) for a in args]
+    code, out, err = _invoke(*filled, *(["-o", str(tmp_path / "new")] if args[0] in ("extract", "run") else []))
+    assert code == 2, err
+    assert message in _one_error_line(err) and out == ""
+    assert not (tmp_path / "new").exists() and _hashes(complete_run) == before
+
+
+def test_a_missing_argument_exits_2(tmp_path: Path) -> None:
+    result = _cli("extract", "--shots", "1")
+    assert result.returncode == 2 and "Missing argument" in result.stderr
+
+
+def test_a_runtime_error_exits_1(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    code, _out, err = _invoke("extract", str(tmp_path / "empty"), "--shots", "1", *TINY, "-o", str(tmp_path / "run"))
+    assert code == 1 and _one_error_line(err)
+
+
+def test_ctrl_c_exits_130_and_rerunning_resumes(data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = ["extract", str(data), "--shots", "1", "--batch-size", "1", "--workers", "0", "-o", str(run_dir), "--backbone", "tiny", "--device", "cpu"]
+    marker = tmp_path / "two-stored"
+    # Decoding the third image (two are stored: batch size 1, no workers) leaves a mark and waits.
+    slow = (
+        "import time, pathlib, iipad_cli.stages.extract as e\n"
+        "o = e.preprocess_image\ncalls = []\n"
+        "def slow(*a):\n"
+        "    calls.append(1)\n"
+        f"    if len(calls) == 3:\n        pathlib.Path({str(marker)!r}).touch()\n        time.sleep(60)\n"
+        "    return o(*a)\n"
+        "e.preprocess_image = slow\n"
+    )
+    code = f"import sys\n{slow}\nfrom iipad_cli.cli import main\nsys.argv = ['iipad', *sys.argv[1:]]\nmain()\n"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    deadline = time.monotonic() + 120
+    while not marker.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err and out == ""
+    result = _cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert "resuming, 2 of 15 images already stored" in result.stderr
+    assert load_features_attrs(run_dir / FEATURES_FILE)["complete"]
+
+
+# --- metrics: which runs may be averaged -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_shot_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("faults-two-shot") / "run"
+    for step in (
+        ("extract", str(data), "--shots", "2", "--classes", "wood,weave", "--workers", "0", "-o", str(run_dir), *TINY),
+        ("train", str(run_dir), "--epochs", "1", "--device", "cpu", "--quiet"),
+        ("bank", str(run_dir), "--device", "cpu", "--quiet"),
+        ("score", str(run_dir), "--device", "cpu", "--quiet"),
+    ):
+        code, _out, err = _invoke(*step)
+        assert code == 0, err
+    return run_dir
+
+
+def test_metrics_refuses_a_run_given_twice(complete_run: Path, tmp_path: Path) -> None:
+    code, out, err = _invoke("metrics", str(complete_run), str(complete_run) + "/", "--json")
+    assert code == 2 and out == "" and "given twice" in _one_error_line(err)
+    copy = _copy(complete_run, tmp_path / "copy")
+    code, out, err = _invoke("metrics", str(complete_run), str(copy), "--json")
+    assert code == 2 and out == "" and "holds the same scores as" in _one_error_line(err)
+
+
+def test_metrics_refuses_runs_of_different_k(complete_run: Path, two_shot_run: Path) -> None:
+    code, out, err = _invoke("metrics", str(complete_run), str(two_shot_run), "--json")
+    assert code == 1 and out == ""
+    line = _one_error_line(err)
+    assert f"{two_shot_run}: shots 2 differs from {complete_run}'s 1" in line
+
+
+def test_metrics_refuses_runs_of_different_presets(complete_run: Path, tmp_path: Path) -> None:
+    other = _copy(complete_run, tmp_path / "paper")
+    for step in (("train", str(other), "--preset", "paper", "--epochs", "1", "--force"), ("bank", str(other)), ("score", str(other))):
+        code, _out, err = _invoke(*step, "--device", "cpu", "--quiet")
+        assert code == 0, err
+    code, out, err = _invoke("metrics", str(complete_run), str(other), "--json")
+    assert code == 1 and "preset 'paper' differs from" in _one_error_line(err)
+
+
+def test_metrics_averages_runs_that_differ_only_in_the_seed(data: Path, complete_run: Path, tmp_path: Path) -> None:
+    other = _copy(complete_run, tmp_path / "seed1")
+    for step in (("train", str(other), "--seed", "1", "--epochs", "1", "--force"), ("bank", str(other)), ("score", str(other))):
+        code, _out, err = _invoke(*step, "--device", "cpu", "--quiet")
+        assert code == 0, err
+    code, out, err = _invoke("metrics", str(complete_run), str(other), "--json")
+    assert code == 0, err
+    assert json.loads(out)["runs"] == [str(complete_run.resolve()), str(other.resolve())]
+
+
+# --- pipes that survive any path ---------------------------------------------------------------------
+
+SHIM = """
+iipad() {
+  case "$1" in
+    extract) python -m iipad_cli.cli "$@" --backbone tiny --workers 0 --device cpu ;;
+    train) python -m iipad_cli.cli "$@" --epochs 1 --device cpu ;;
+    metrics) python -m iipad_cli.cli "$@" ;;
+    *) python -m iipad_cli.cli "$@" --device cpu ;;
+  esac
+}
+"""
+
+
+def _readme_loop() -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index("```bash\nset -o pipefail")
+    return text[start + len("```bash\n") : text.index("```", start + 8)]
+
+
+def test_the_readme_loop_runs_as_written(data: Path, tmp_path: Path) -> None:
+    """The README's shell loop, with `iipad` pointing at this checkout (tiny backbone, one epoch)
+    and, to keep the test short, one shot count and two draws instead of 1 2 4 and 0 1 2."""
+    loop = _readme_loop()
+    assert "| iipad train" in loop and "xargs" not in loop
+    shortened = loop.replace("for k in 1 2 4", "for k in 1").replace("for seed in 0 1 2", "for seed in 0 1").replace("{0,1,2}", "{0,1}")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mvtec").symlink_to(data)
+    result = subprocess.run(
+        ["bash", "-e", "-c", SHIM + shortened], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = (tmp_path / "results" / "mvtec-1shot.csv").read_text().splitlines()
+    assert rows[0].startswith("class,") and any(row.startswith("mean,") for row in rows)
+
+
+def test_pipes_survive_spaces_unicode_and_a_leading_dash(data: Path, tmp_path: Path) -> None:
+    script = SHIM + (
+        'iipad extract "$DATA" --shots 1 --classes wood -o "-my run ü" -q | tee printed '
+        "| iipad train -q | iipad bank -q | iipad score -q > /dev/null\n"
+    )
+    result = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO), "DATA": str(data)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "printed").read_text() == "./-my run ü\n"
+    assert read_scores_attrs(tmp_path / "-my run ü" / SCORES_FILE)["complete"]
+
+
+def test_a_stage_without_run_and_without_a_pipe_is_a_usage_error() -> None:
+    result = _cli("train", "--quiet")  # stdin: the test runner's, not a pipe with a path
+    assert result.returncode == 2 and "missing argument RUN" in result.stderr
+
+
+# --- every hint works as printed ----------------------------------------------------------------------
+
+
+def _hint(line: str) -> list[str]:
+    """The command in backticks of an error line, as argv without `iipad`."""
+    import shlex
+
+    command = line.split("`")[1]
+    argv = shlex.split(command)
+    assert argv[0] == "iipad"
+    return argv[1:]
+
+
+def _follow(line: str) -> None:
+    code, _out, err = _invoke(*_hint(line), "--quiet", "--device", "cpu", "--workers", "0")
+    assert code == 0, err
+
+
+def test_nan_features_hint_rebuilds_them(complete_run: Path, tmp_path: Path) -> None:
+    run_dir = _copy(complete_run, tmp_path / "run")
+    with h5py.File(run_dir / FEATURES_FILE, "a") as handle:
+        handle["train"]["vv"][0, 0, 0, 0] = np.nan
+    code, _out, err = _invoke("train", str(run_dir), "--force", "--epochs", "1", "--quiet", "--device", "cpu")
+    line = _one_error_line(err)
+    assert code == 1 and "NaN" in line and "--force`" in line
+    _follow(line)
+    code, _out, err = _invoke("train", str(run_dir), "--force", "--epochs", "1", "--quiet", "--device", "cpu")
+    assert code == 0, err
+
+
+def test_nan_test_features_hint_in_score_rebuilds_them(complete_run: Path, tmp_path: Path) -> None:
+    run_dir = _copy(complete_run, tmp_path / "run")
+    with h5py.File(run_dir / FEATURES_FILE, "a") as handle:
+        handle["test"]["mem"][1, 0, 0, 0] = np.inf
+    code, _out, err = _invoke("score", str(run_dir), "--quiet", "--device", "cpu", "--force")
+    line = _one_error_line(err)
+    assert code == 1 and "NaN or Inf" in line
+    _follow(line)
+    for stage in ("train", "bank", "score"):
+        code, _out, err = _invoke(stage, str(run_dir), "--quiet", "--device", "cpu", *(["--force", "--epochs", "1"] if stage == "train" else []))
+        assert code == 0, f"{stage}: {err}"
+
+
+def test_truncated_features_hint_rebuilds_them(complete_run: Path, tmp_path: Path) -> None:
+    run_dir = _copy(complete_run, tmp_path / "-dash run")
+    path = run_dir / FEATURES_FILE
+    os.truncate(path, path.stat().st_size // 2)
+    code, _out, err = _invoke("train", str(run_dir), "--quiet", "--device", "cpu")
+    line = _one_error_line(err)
+    assert code == 1 and "not a readable features file" in line and "-o " in line
+    _follow(line)
+    assert load_features_attrs(path)["complete"]
+
+
+def test_a_changed_file_list_is_named_and_force_extracts_again(data: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    run_dir = tmp_path / "run"
+    args = ["extract", str(copy), "--shots", "1", "--classes", "wood", "--workers", "0", "-o", str(run_dir), *TINY]
+    assert _invoke(*args)[0] == 0
+    removed = sorted((copy / "wood" / "test" / "good").iterdir())[0]
+    removed.unlink()
+    code, _out, err = _invoke(*args)
+    line = _one_error_line(err)
+    assert code == 1 and "the file list changed: 1 removed (wood/test/good/" in line and "pass --force" in line
+    assert _invoke(*args, "--force")[0] == 0
+    assert load_features_attrs(run_dir / FEATURES_FILE)["num_test"] == 3
+
+
+def test_a_bank_from_another_generator_hint_rebuilds_it(complete_run: Path, tmp_path: Path) -> None:
+    run_dir = _copy(complete_run, tmp_path / "run")
+    code, _out, err = _invoke("train", str(run_dir), "--force", "--epochs", "1", "--seed", "5", "--quiet", "--device", "cpu")
+    assert code == 0, err
+    code, _out, err = _invoke("score", str(run_dir), "--quiet", "--device", "cpu")
+    line = _one_error_line(err)
+    assert code == 1 and f"re-run `iipad bank {run_dir}`" in line
+    code, _out, err = _invoke(*_hint(line), "--quiet", "--device", "cpu")
+    assert code == 0, err
+    code, _out, err = _invoke("score", str(run_dir), "--quiet", "--device", "cpu")
+    assert code == 0, err
