@@ -231,5 +231,5 @@ def test_staleness_reasons(tmp_path: Path) -> None:
 def test_parse_seeds() -> None:
     assert parse_seeds("0,1, 2") == [0, 1, 2]
     result = CliRunner().invoke(app, ["run", "x", "--shots", "1", "--seeds", "0,a"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # bad usage
     assert "--seeds '0,a'" in result.stderr
