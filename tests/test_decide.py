@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +169,7 @@ def _close(actual: float | None, expected: float | None) -> bool:
     return actual is None if expected is None else actual == pytest.approx(expected, rel=1e-12)
 
 
-def test_metrics_report_precision_recall_f1_at_the_label_free_thresholds(run: Path) -> None:
+def test_metrics_report_precision_recall_f1_at_the_label_free_thresholds(run: Path, tmp_path: Path) -> None:
     import h5py
 
     code, stdout, stderr = _invoke("metrics", str(run), "--json", "--quiet")
@@ -203,9 +204,17 @@ def test_metrics_report_precision_recall_f1_at_the_label_free_thresholds(run: Pa
     code, stdout, _ = _invoke("metrics", str(run), "--csv", "--quiet")
     header = stdout.splitlines()[0].split(",")
     assert "image_f1_at_threshold" in header and "pixel_precision_at_threshold" in header
-    code, stdout, _ = _invoke("metrics", str(run), str(run), "--json", "--quiet")
+    # A second run of the same experiment (another training seed): metrics refuses a run given twice.
+    other = tmp_path / "seed1"
+    shutil.copytree(run, other)
+    for step in (("train", str(other), "--seed", "1", "--epochs", "1", "--force"), ("bank", str(other)), ("score", str(other))):
+        code, _, stderr = _invoke(*step, "--quiet", "--device", "cpu")
+        assert code == 0, stderr
+    code, stdout, _ = _invoke("metrics", str(other), "--json", "--quiet")
+    other_f1 = json.loads(stdout)["at_threshold"]["mean"]["image_f1"]["value"]
+    code, stdout, _ = _invoke("metrics", str(run), str(other), "--json", "--quiet")
     combined = json.loads(stdout)["at_threshold"]
-    assert combined["mean"]["image_f1"]["per_run"] == [section["mean"]["image_f1"]["value"]] * 2
+    assert combined["mean"]["image_f1"]["per_run"] == [section["mean"]["image_f1"]["value"], other_f1]
 
 
 def test_iipad_run_offers_the_normal_images_option() -> None:
