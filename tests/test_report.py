@@ -200,6 +200,12 @@ def test_bad_input_is_a_one_line_error(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "scores.h5" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r.html").exists()
+    # The output is checked first: a directory, or a file in a missing directory.
+    for output, problem in ((tmp_path, "is a directory"), (tmp_path / "missing" / "r.html", "no such directory")):
+        result = CliRunner().invoke(app, ["report", str(tmp_path / "nowhere"), "-o", str(output)])
+        assert result.exit_code == 1 and problem in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written, no .tmp left
+    assert not (tmp_path.parent / f"{tmp_path.name}.tmp").exists()
 
 
 def test_report_command_imports_no_torch(tmp_path: Path, two_runs: tuple[list[Path], list[dict]]) -> None:

@@ -226,13 +226,20 @@ def build(directories: Sequence[Path], options: ReportOptions) -> page.Report:
 
 
 def write_report(directories: Sequence[Path], output: Path, options: ReportOptions) -> Path:
-    """Build the report and write it atomically to `output` (UTF-8)."""
+    """Build the report and write it atomically to `output` (UTF-8).
+
+    The output path is checked before any run is read, so a typo costs no work."""
     started = time.perf_counter()
-    html = page.render(build(directories, options))
     output = Path(output)
-    if output.parent and not output.parent.is_dir():
+    if output.is_dir():
+        raise IipadError(f"{output}: is a directory; name the report's file, e.g. -o {output / 'report.html'}")
+    if not output.parent.is_dir():
         raise IipadError(f"{output.parent}: no such directory for the report")
-    write_text_atomic(output, html)
+    html = page.render(build(directories, options))
+    try:
+        write_text_atomic(output, html)
+    except OSError as error:
+        raise IipadError(f"{output}: cannot write the report ({error.strerror or error})") from None
     seconds = time.perf_counter() - started
     log(f"report: {output} ({len(html.encode('utf-8')) / 1024:.0f} KiB) in {seconds:.1f} s", options.quiet)
     return output
