@@ -87,7 +87,8 @@ def tiny_backbone():
 @pytest.fixture(scope="session")
 def scored_run_2shot(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
     """bottle + tire, 2 shots each (leave-one-out thresholds), one training epoch, banked and scored
-    with the `tiny` backbone (random weights); shared by the threshold tests, which only read it."""
+    with the `tiny` backbone (random weights); shared by the threshold tests, which only read it.
+    Self-contained (`--copy`): a test that edits a copy of it must not write into the feature store."""
     from typer.testing import CliRunner
 
     from iipad_cli.cli import app
@@ -95,7 +96,7 @@ def scored_run_2shot(tmp_path_factory: pytest.TempPathFactory, shared_data: Path
     run_dir = tmp_path_factory.mktemp("scored2") / "run"
     steps = [
         ("extract", str(shared_data / "mvtec"), "--shots", "2", "--backbone", "tiny", "--classes", "bottle,tire",
-         "--workers", "0", "-o", str(run_dir)),
+         "--workers", "0", "-o", str(run_dir), "--copy"),
         ("train", str(run_dir), "--epochs", "1"),
         ("bank", str(run_dir)),
         ("score", str(run_dir)),
