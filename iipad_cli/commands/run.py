@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from iipad_cli.commands import command
+from iipad_cli.commands import add
 from iipad_cli.pipeline.run_options import RunOptions
 from iipad_cli.ui import log, print_path
 
@@ -52,4 +52,4 @@ def run_command(options: RunOptions) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("run")(command(run_command, resumable=True))
+    add(app, "run", run_command, resumable=True)
