@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from iipad_cli import options as o
-from iipad_cli.commands import command
+from iipad_cli.commands import IipadCommand, IipadGroup, command
 from iipad_cli.ui import log
 
 
@@ -17,10 +17,10 @@ def _mib(size: int) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    cache_app = typer.Typer(help="Inspect, check and clear the feature store shared by every run (docs/store.md).", no_args_is_help=True)
+    cache_app = typer.Typer(cls=IipadGroup, help="Inspect, check and clear the feature store shared by every run (docs/store.md).", no_args_is_help=True)
     app.add_typer(cache_app, name="cache")
 
-    @cache_app.command("info")
+    @cache_app.command("info", cls=IipadCommand)
     @command
     def info_command(
         cache: o.Cache = None,
@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
         if info.reclaimable:
             log(f"{len(info.reclaimable)} leftover files of interrupted writers; `iipad cache verify --repair` removes them")
 
-    @cache_app.command("verify")
+    @cache_app.command("verify", cls=IipadCommand)
     @command
     def verify_command(
         cache: o.Cache = None,
@@ -92,7 +92,7 @@ def register(app: typer.Typer) -> None:
         if report.problems:
             log(f"repaired: rows of {len(report.problems)} damaged segments dropped")
 
-    @cache_app.command("clear")
+    @cache_app.command("clear", cls=IipadCommand)
     @command
     def clear_command(
         cache: o.Cache = None,
