@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,15 +73,24 @@ class Index:
     def open(cls, root: Path) -> Index:
         """Open (creating if needed) the index under `root`; a store of another schema version is refused."""
         path = root / INDEX_FILE
-        try:
-            connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=FULL")
-            index = cls(connection, path)
-            index._initialise(root)
-        except sqlite3.DatabaseError as error:
-            raise IipadError(f"{path}: not a readable feature store index ({error}); {way_out(root)}") from None
-        return index
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+                # Switching a new database to WAL does not wait for another process creating it at
+                # the same moment ("database is locked" at once): that case is retried.
+                connection.execute("PRAGMA journal_mode=WAL")
+                connection.execute("PRAGMA synchronous=FULL")
+                index = cls(connection, path)
+                index._initialise(root)
+                return index
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise IipadError(f"{path}: not a readable feature store index ({error}); {way_out(root)}") from None
+                connection.close()
+                time.sleep(0.05)
+            except sqlite3.DatabaseError as error:
+                raise IipadError(f"{path}: not a readable feature store index ({error}); {way_out(root)}") from None
 
     def _initialise(self, root: Path) -> None:
         with self.transaction():
