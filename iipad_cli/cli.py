@@ -7,11 +7,15 @@ traceback), 2 on bad usage.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-from iipad_cli.commands import report_error
+from iipad_cli import __version__
+from iipad_cli.commands import IipadGroup, report_error
 
 app = typer.Typer(
+    cls=IipadGroup,
     name="iipad",
     help="One-for-all few-shot anomaly detection (IIPAD, ICLR 2025): extract, train, bank, score, metrics.",
     no_args_is_help=True,
@@ -20,8 +24,20 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"iipad {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _check_launch(context: typer.Context) -> None:
+def _check_launch(
+    context: typer.Context,
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True, metavar=""),
+    ] = False,
+) -> None:
     """Refuse, before any work, a single-process command started by torchrun with WORLD_SIZE > 1
     (distributed.py). Exit code 2 (bad usage); only rank 0 prints the line, not every rank."""
     from iipad_cli.distributed import UsageError, check_command, launch_from_env

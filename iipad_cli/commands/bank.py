@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from iipad_cli import options as o
-from iipad_cli.commands import command
+from iipad_cli.commands import add
 from iipad_cli.ui import print_path, read_run_dir_from_stdin
 from iipad_cli.pipeline.bank import BankOptions
 
@@ -27,4 +27,4 @@ def bank_command(options: BankOptions, run_dir: o.RunDirArg = None) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("bank")(command(bank_command))
+    add(app, "bank", bank_command)

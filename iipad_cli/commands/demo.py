@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from iipad_cli import options as o
-from iipad_cli.commands import command
+from iipad_cli.commands import add
 from iipad_cli.ui import print_path
 
 
@@ -45,4 +45,4 @@ def demo_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("demo")(command(demo_command, resumable=True))
+    add(app, "demo", demo_command, resumable=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from iipad_cli.commands import command
+from iipad_cli.commands import add
 from iipad_cli.ui import print_path
 from iipad_cli.pipeline.extract import ExtractOptions
 
@@ -24,4 +24,4 @@ def extract_command(options: ExtractOptions) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("extract")(command(extract_command, resumable=True))
+    add(app, "extract", extract_command, resumable=True)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from iipad_cli.commands import command
+from iipad_cli.commands import add
 from iipad_cli.errors import UsageError
 from iipad_cli.pipeline.metrics import EvaluateOptions
 
@@ -17,7 +17,7 @@ from iipad_cli.pipeline.metrics import EvaluateOptions
 def metrics_command(
     options: EvaluateOptions,
     runs: Annotated[
-        Optional[list[Path]], typer.Argument(help="Run directories (several: mean ± std per cell).", metavar="RUN...")
+        Optional[list[Path]], typer.Argument(help="Run directories (several: mean ± std per cell).", metavar="RUN")
     ] = None,
     maps: Annotated[
         Optional[Path],
@@ -79,4 +79,4 @@ def metrics_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("metrics")(command(metrics_command))
+    add(app, "metrics", metrics_command)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from iipad_cli.commands import command
+from iipad_cli.commands import add
 from iipad_cli.pipeline.predict import PredictOptions
 
 
@@ -33,4 +33,4 @@ def predict_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("predict")(command(predict_command))
+    add(app, "predict", predict_command)

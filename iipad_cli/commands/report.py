@@ -7,13 +7,13 @@ from typing import Annotated
 
 import typer
 
-from iipad_cli.commands import command
+from iipad_cli.commands import add
 from iipad_cli.reporting.report_options import ReportOptions
 
 
 def report_command(
     options: ReportOptions,
-    runs: Annotated[list[Path], typer.Argument(help="Run directories (several: mean ± std, one curve per run).", metavar="RUN...")],
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (several: mean ± std, one curve per run).", metavar="RUN")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write.")] = Path("report.html"),
 ) -> None:
     """Metrics table, ROC / PR / PRO curves, score histograms and the worst cases, in one HTML file.
@@ -28,4 +28,4 @@ def report_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("report")(command(report_command))
+    add(app, "report", report_command)

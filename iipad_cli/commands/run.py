@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import typer
 
-from iipad_cli.commands import command
+from iipad_cli.commands import add
 from iipad_cli.ui import print_path
 from iipad_cli.pipeline.run_options import RunOptions
 
@@ -39,4 +39,4 @@ def run_command(options: RunOptions) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("run")(command(run_command, resumable=True))
+    add(app, "run", run_command, resumable=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from iipad_cli import options as o
-from iipad_cli.commands import command
+from iipad_cli.commands import add
 from iipad_cli.ui import print_path, read_run_dir_from_stdin
 from iipad_cli.pipeline.train import TrainOptions
 
@@ -28,4 +28,4 @@ def train_command(options: TrainOptions, run_dir: o.RunDirArg = None) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train")(command(train_command))
+    add(app, "train", train_command)

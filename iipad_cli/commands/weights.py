@@ -9,22 +9,24 @@ from typing import Annotated, Optional
 import typer
 
 from iipad_cli import options as o
-from iipad_cli.commands import command
+from iipad_cli.commands import IipadCommand, IipadGroup, command
 from iipad_cli.ui import log
 
 
 def register(app: typer.Typer) -> None:
     weights_app = typer.Typer(
+        cls=IipadGroup,
         help="Check, convert and download the real backbone's weight files (docs/weights.md).",
         no_args_is_help=True,
     )
     app.add_typer(weights_app, name="weights")
 
-    @weights_app.command("check")
+    @weights_app.command("check", cls=IipadCommand)
     @command
     def check_command(
         weights: Annotated[
-            Optional[Path], typer.Option(help="Directory with the weight files [default: $IIPAD_WEIGHTS, then the Hugging Face cache].")
+            Optional[Path],
+            typer.Option(help="Directory with the weight files (default: $IIPAD_WEIGHTS, then the Hugging Face cache).", show_default=False),
         ] = None,
         backbone: o.Backbone = "vit-l-14",
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tab-separated lines.", metavar="")] = False,
@@ -53,13 +55,15 @@ def register(app: typer.Typer) -> None:
             + ("applies (the Q-Former vision tower equals CLIP's blocks)" if report.trunk_shared else "does not apply (the Q-Former runs its own vision tower)")
         )
 
-    @weights_app.command("convert")
+    @weights_app.command("convert", cls=IipadCommand)
     @command
     def convert_command(
         source: Annotated[Path, typer.Argument(help="Q-Former checkpoint, e.g. DIR/qformer/pytorch_model.bin.")],
         output: Annotated[
             Optional[Path],
-            typer.Option("--output", "-o", help="Safetensors file [default: DIR/qformer.safetensors beside the qformer/ folder]."),
+            typer.Option(
+                "--output", "-o", help="Safetensors file (default: DIR/qformer.safetensors beside the qformer/ folder).", show_default=False
+            ),
         ] = None,
         backbone: o.described(o.Backbone, "Backbone whose Q-Former architecture the file must fit.") = "vit-l-14",
         force: o.described(o.Force, "Replace an existing output file.") = False,
@@ -77,7 +81,7 @@ def register(app: typer.Typer) -> None:
         log(f"kept {report.kept} tensors, dropped {len(report.dropped)} unused key(s)")
         typer.echo(str(report.output))
 
-    @weights_app.command("fetch")
+    @weights_app.command("fetch", cls=IipadCommand)
     @command
     def fetch_command(
         weights: Annotated[Path, typer.Option(help="Directory to download the weight files into.")],
