@@ -8,7 +8,7 @@ layer index or branches on a preset name.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from iipad_cli.errors import IipadError
 
@@ -219,6 +219,21 @@ PRESETS: dict[str, Preset] = {
         token_loss_reduction="sum",
     ),
 }
+
+
+Values = TypeVar("Values")
+
+
+def image_score(prompt_max: Values, visual_max: Values, p_normal: Values, retrieval_sim: Values, formula: str) -> Values:
+    """The image-score formulas of the presets, the one definition for torch tensors (`score`) and
+    numpy arrays (`metrics --image-score` re-evaluates stored components): `paper` (eq. 18) is
+    max Ā^p + max A^v; `official` (released code, reference §5.7) is that minus p_normal minus the
+    mean retrieval similarity of the retrieved bank images."""
+    if formula == "paper":
+        return prompt_max + visual_max  # type: ignore[operator]
+    if formula == "official":
+        return prompt_max + visual_max - p_normal - retrieval_sim  # type: ignore[operator]
+    raise ValueError(f"unknown image-score formula {formula!r}")
 
 
 def get_preset(name: str) -> Preset:

@@ -18,10 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from iipad_cli.config import Preset
-
-
-def normalise(x: Tensor) -> Tensor:
-    return F.normalize(x, dim=-1)
+from iipad_cli.models.anomaly import normalise
 
 
 def synthetic_anomalous_features(

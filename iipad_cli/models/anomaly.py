@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from iipad_cli.config import image_score
+
 # Batch chunk of the visual k-NN: bounds the (chunk, P, k·P) similarity tensor and the gathered bank
 # patches (chunk, k·P, W) to a few hundred MB at ViT-L/14 size.
 VISUAL_CHUNK = 16
@@ -156,16 +158,6 @@ class AnomalyOutput:
     p_normal: Tensor
     retrieval_sim: Tensor
     retrieved: Tensor
-
-
-def image_score(prompt_max: Tensor, visual_max: Tensor, p_norm: Tensor, retrieval_sim: Tensor, formula: str) -> Tensor:
-    """`paper` (eq. 18): max Ā^p + max A^v. `official` (released code, reference §5.7): that minus
-    p_normal minus the mean retrieval similarity of the retrieved bank images."""
-    if formula == "paper":
-        return prompt_max + visual_max
-    if formula == "official":
-        return prompt_max + visual_max - p_norm - retrieval_sim
-    raise ValueError(f"unknown image-score formula {formula!r}")
 
 
 def anomaly_scores(

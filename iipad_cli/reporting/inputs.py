@@ -12,19 +12,18 @@ import numpy as np
 from PIL import Image
 
 from iipad_cli.artifacts import FEATURES_FILE, SCORES_FILE, require_file, sha256_file, shell_path
+from iipad_cli.config import image_score
 from iipad_cli.errors import IipadError
 from iipad_cli.pipeline.metrics import EvaluateOptions
 from iipad_cli.reporting.document import ClassData, LazyMaps
 
 
 def image_scores(columns: dict[str, np.ndarray], formula: str) -> np.ndarray:
-    """The stored score, or one recomputed from the stored components (design.md §2)."""
+    """The stored score, or one recomputed from the stored components (design.md §2), in float64."""
     if formula == "stored":
         return columns["image_score"]
-    paper = columns["prompt_max"].astype(np.float64) + columns["visual_max"]
-    if formula == "paper":
-        return paper
-    return paper - columns["p_normal"] - columns["retrieval_sim"]
+    prompt_max = columns["prompt_max"].astype(np.float64)
+    return image_score(prompt_max, columns["visual_max"], columns["p_normal"], columns["retrieval_sim"], formula)
 
 
 def upsample(score_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -87,10 +86,8 @@ def load_run(run_dir: Path, options: EvaluateOptions) -> tuple[list[ClassData], 
 
     Returns the classes, scores.h5's attributes, the resolution label and features.h5's sha256
     (hashed once: it can be gigabytes)."""
-    import h5py
-
     from iipad_cli.schema.features import load_features_attrs, read_split
-    from iipad_cli.schema.scores import COMPONENTS, read_scores_attrs
+    from iipad_cli.schema.scores import COMPONENTS, load_scores, read_scores_attrs
 
     scores_path = require_file(run_dir / SCORES_FILE, "score")
     features_path = require_file(run_dir / FEATURES_FILE, "extract")
@@ -99,13 +96,12 @@ def load_run(run_dir: Path, options: EvaluateOptions) -> tuple[list[ClassData], 
     features_sha256 = sha256_file(features_path)
     if not options.force and attrs.get("features_sha256") != features_sha256:
         raise IipadError(f"{features_path}: changed after {scores_path.name} was made; run `iipad score {shell_path(run_dir)}` again (or --force)")
-    with h5py.File(scores_path, "r") as handle:
-        rel_paths = [str(p) for p in handle["path"].asstr()[()]]
-        names = [str(c) for c in handle["cls"].asstr()[()]]
-        labels = handle["label"][()].astype(np.int64)
-        has_mask = handle["has_mask"][()].astype(bool)
-        columns = {name: handle[name][()] for name in COMPONENTS}
-        maps = handle["maps"][()]
+    stored = load_scores(scores_path)
+    rel_paths, names = stored.path, stored.cls
+    labels = stored.label.astype(np.int64)
+    has_mask = stored.has_mask.astype(bool)
+    columns = {name: getattr(stored, name) for name in COMPONENTS}
+    maps = stored.maps
     truth = read_split(features_path, "test", ["path", "mask"])
     if list(truth["path"]) != rel_paths:
         raise IipadError(f"{scores_path}: its rows are not the test images of {features_path} in order; run `iipad score {shell_path(run_dir)}` again")
