@@ -88,17 +88,17 @@ def threshold_section(
     `classes` are the metrics' per-class inputs (name, labels, image_scores, maps, masks in the row
     order of scores.h5, maps only for rows with masks); `image_score` the metrics' --image-score.
     """
-    import h5py
+    from iipad_cli.schema.scores import read_scores_columns
 
     path = Path(run_dir) / THRESHOLDS_FILE
     if not path.is_file():
         warn(f"{path}: missing (a run scored before label-free thresholds existed); no decisions at the threshold")
         return None
     thresholds: Thresholds = load_thresholds(path)
-    with h5py.File(scores_h5, "r") as handle:
-        names = [str(c) for c in handle["cls"].asstr()[()]]
-        has_mask = handle["has_mask"][()].astype(bool)
-        top1 = handle["retrieved"][:, 0].astype(np.int64)
+    columns = read_scores_columns(scores_h5, ("cls", "has_mask", "retrieved"))
+    names = columns["cls"]
+    has_mask = columns["has_mask"].astype(bool)
+    top1 = columns["retrieved"][:, 0].astype(np.int64)
     comparable = image_score in ("stored", thresholds.image_score_formula)
     if not comparable:
         warn(

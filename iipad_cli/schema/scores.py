@@ -15,8 +15,7 @@ resolution, top_k, sigma, data_root, features_sha256, generator_sha256, banks_sh
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,13 +158,19 @@ def read_scores_attrs(path: Path) -> dict[str, Any]:
     return attrs
 
 
+def read_scores_columns(path: Path, names: Sequence[str]) -> dict[str, Any]:
+    """Some columns of a complete scores file, without the maps (string columns as lists of str)."""
+    read_scores_attrs(path)
+    with h5py.File(path, "r") as handle:
+        return {
+            name: [str(v) for v in handle[name].asstr()[()]] if name in STRING_COLUMNS else handle[name][()]
+            for name in names
+        }
+
+
 def load_scores(path: Path) -> Scores:
     attrs = read_scores_attrs(path)
     with h5py.File(path, "r") as handle:
         strings = {name: [str(v) for v in handle[name].asstr()[()]] for name in STRING_COLUMNS}
         arrays = {name: handle[name][()] for name in ("label", "has_mask", "maps", "retrieved", *COMPONENTS)}
     return Scores(**strings, **arrays, attrs=attrs)
-
-
-def bank_paths(attrs: dict[str, Any]) -> list[str]:
-    return list(json.loads(attrs["bank_paths"]))
