@@ -10,7 +10,6 @@ score; nothing is written into the runs. No torch: this is reporting.
 from __future__ import annotations
 
 import io
-import json
 import math
 import time
 from collections.abc import Sequence

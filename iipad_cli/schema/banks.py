@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 from torch import Tensor
 
 from iipad_cli.artifacts import atomic_path
 from iipad_cli.errors import IipadError
+from iipad_cli.schema._safetensors import canonical_safetensors
 from iipad_cli.schema.check import Found, Spec, check_arrays
 
 REQUIRED_METADATA = ("paths", "classes", "memory_layers", "backbone_id", "features_sha256", "generator_sha256")
@@ -83,7 +84,7 @@ def save_banks(path: Path, banks: Banks, provenance: dict[str, str]) -> None:
         "memory_layers": json.dumps(list(banks.memory_layers)),
     }
     with atomic_path(Path(path)) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.write_bytes(canonical_safetensors(tensors, metadata))
 
 
 def read_banks_metadata(path: Path) -> dict[str, str]:

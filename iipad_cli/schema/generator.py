@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
-from torch import Tensor
 
 from iipad_cli.artifacts import atomic_path, provenance
 from iipad_cli.errors import IipadError
 from iipad_cli.schema.check import Found, Spec, check_arrays
 from iipad_cli.models.prompt_generator import GeneratorConfig, PromptGenerator
+from iipad_cli.schema._safetensors import canonical_safetensors
 
 # Metadata values stored as JSON; the others (hashes, ids, versions) are plain strings.
 JSON_FIELDS = ("generator_config", "preset", "training", "final_losses", "manual_prompts", "random_weights")
@@ -30,22 +29,7 @@ def save_generator(path: Path, generator: PromptGenerator, metadata: dict[str, A
     fields = {"generator_config": generator.config.to_json(), **metadata}
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in generator.state_dict().items()}
     with atomic_path(Path(path)) as tmp:
-        tmp.write_bytes(_canonical_safetensors(tensors, provenance(**fields)))
-
-
-def _canonical_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
-    """safetensors bytes with the JSON header's keys sorted.
-
-    The safetensors writer emits metadata in hash-map order, which changes from run to run; sorting
-    the header makes equal weights + metadata give byte-identical files (same seed => same file).
-    Data offsets are relative to the end of the header, so re-serialising it is safe.
-    """
-    raw = save(tensors, metadata=metadata)
-    length = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + length])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + raw[8 + length :]
+        tmp.write_bytes(canonical_safetensors(tensors, provenance(**fields)))
 
 
 def read_generator_metadata(path: Path) -> dict[str, str]:

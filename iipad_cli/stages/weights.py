@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from iipad_cli.artifacts import atomic_path
+from iipad_cli.checkpoints import CLIP_WEIGHT_FILES, QFORMER_WEIGHT_FILES, find_weights, load_backbone, load_qformer_state_dict
 from iipad_cli.digests import sha256_file
 from iipad_cli.errors import IipadError
-from iipad_cli.checkpoints import CLIP_WEIGHT_FILES, QFORMER_WEIGHT_FILES, find_weights, load_backbone, load_qformer_state_dict
 from iipad_cli.models.qformer import QFormer, validate_qformer_state_dict
 from iipad_cli.models.registry import CLIP_HF_REPO, QFORMER_HF_REPO, get_spec
+from iipad_cli.schema._safetensors import canonical_safetensors
 
 # The files `fetch` downloads, as (repository, file inside it); saved under the same relative path.
 FETCH_FILES: tuple[tuple[str, str], ...] = (
@@ -127,7 +127,7 @@ def convert_qformer(source: Path, output: Path | None, backbone_id: str = "vit-l
     validate_qformer_state_dict(model, kept, source=source)
     metadata = {"source": source.name, "source_sha256": sha256_file(source), "backbone": spec.backbone_id}
     with atomic_path(output) as tmp:
-        save_file(_unshared(kept), str(tmp), metadata=metadata)
+        tmp.write_bytes(canonical_safetensors(_unshared(kept), metadata))
     return ConvertReport(output=output, kept=len(kept), dropped=dropped)
 
 
