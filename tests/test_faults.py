@@ -571,7 +571,10 @@ def test_ctrl_c_exits_130_and_rerunning_resumes(data: Path, tmp_path: Path) -> N
         "    return o(*a)\n"
         "e.preprocess_image = slow\n"
     )
-    code = f"import sys\n{slow}\nfrom iipad_cli.cli import main\nsys.argv = ['iipad', *sys.argv[1:]]\nmain()\n"
+    # A shell that starts a job in the background without job control (as CI runners may) makes
+    # the job ignore SIGINT, and the child would inherit that: restore what a terminal's Ctrl-C meets.
+    restore_ctrl_c = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    code = f"import sys\n{restore_ctrl_c}{slow}\nfrom iipad_cli.cli import main\nsys.argv = ['iipad', *sys.argv[1:]]\nmain()\n"
     process = subprocess.Popen(
         [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
