@@ -55,7 +55,7 @@ from iipad_cli.errors import IipadError
 from iipad_cli.pipeline.predict import PredictOptions
 from iipad_cli.pipeline.score import DEFAULT_SIGMA
 from iipad_cli.reporting.inputs import upsample
-from iipad_cli.schema.features import features_precision
+from iipad_cli.schema.features import FEATURE_FIELDS, features_precision
 from iipad_cli.schema.scores import read_scores_attrs
 from iipad_cli.schema.thresholds import THRESHOLDS_FILE, Thresholds, load_thresholds
 from iipad_cli.stages._scoring import (
