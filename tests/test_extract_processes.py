@@ -20,8 +20,20 @@ from iipad_cli.store import FeatureStore
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _extract(data: Path, out: Path, cache: Path, *extra: str) -> subprocess.Popen[str]:
-    args = [sys.executable, "-m", "iipad_cli.cli", "extract", str(data), "-k", "2", "--backbone", "tiny", "--device", "cpu"]
+# Decoding each image takes 50 ms longer, so that a fast machine cannot finish a whole extract
+# between a seal and a kill (a kill after everything is indexed would test no partial state).
+SLOW_DECODING = (
+    "import sys, time, iipad_cli.stages.extract as e\n"
+    "decode = e.preprocess_image\n"
+    "def slow(*args):\n    time.sleep(0.05)\n    return decode(*args)\n"
+    "e.preprocess_image = slow\n"
+    "from iipad_cli.cli import main\nsys.argv = ['iipad', *sys.argv[1:]]\nmain()\n"
+)
+
+
+def _extract(data: Path, out: Path, cache: Path, *extra: str, slow: bool = False) -> subprocess.Popen[str]:
+    program = ["-c", SLOW_DECODING] if slow else ["-m", "iipad_cli.cli"]
+    args = [sys.executable, *program, "extract", str(data), "-k", "2", "--backbone", "tiny", "--device", "cpu"]
     args += ["--workers", "0", "--batch-size", "2", "-q", "-o", str(out), "--cache", str(cache), *extra]
     # Seal a segment after every batch, so a kill lands between, during and after seals.
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "IIPAD_STORE_SEAL_SECONDS": "0"}
@@ -61,7 +73,7 @@ def test_extract_killed_at_random_moments_leaves_a_store_that_verifies(shared_da
     rng = random.Random(5)
     indexed = 0
     for attempt in range(4):
-        process = _extract(data, tmp_path / "run", cache)
+        process = _extract(data, tmp_path / "run", cache, slow=True)
         if attempt == 0:
             time.sleep(rng.uniform(0.0, 3.0))  # while Python, torch and the hashing start
         else:
