@@ -65,12 +65,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(f"{len(skipped)} tests skipped: {_fixtures_missing()}")
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    skipped = [report for report in terminalreporter.stats.get("skipped", []) if "real-image fixtures" in str(report.longrepr)]
-    if skipped:
-        terminalreporter.write_line(f"{len(skipped)} tests skipped: {_fixtures_missing()}")
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _cpu_threads() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -63,39 +63,6 @@ def add(app: typer.Typer, name: str, func: Callable[..., Any], *, resumable: boo
     app.command(name, cls=IipadCommand)(command(func, resumable=resumable))
 
 
-class _PlainHelpOption:
-    """`--help` without a type column: Typer shows `<bool>` for it, as if `--help true` were valid."""
-
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)  # type: ignore[misc]
-        if option is not None:
-            option.metavar = ""
-        return option
-
-
-class IipadGroup(_PlainHelpOption, TyperGroup):
-    """The `iipad` and `iipad weights` groups."""
-
-
-class IipadCommand(_PlainHelpOption, TyperCommand):
-    """A command whose usage line names its arguments as the user types them (`RUN`, `[RUN]...`);
-    Typer writes required ones in braces (`{run}`), which reads like literal syntax."""
-
-    def collect_usage_pieces(self, ctx: Any) -> list[str]:
-        pieces = [self.options_metavar] if self.options_metavar else []
-        for param in self.get_params(ctx):
-            if isinstance(param, TyperArgument):
-                name = param.metavar or (param.name or "").upper()
-                name = name if param.required else f"[{name}]"
-                pieces.append(name + ("..." if param.nargs != 1 else ""))
-        return pieces
-
-
-def add(app: typer.Typer, name: str, func: Callable[..., Any], *, resumable: bool = False) -> None:
-    """Register `func` (see `command`) as `app`'s command `name`."""
-    app.command(name, cls=IipadCommand)(command(func, resumable=resumable))
-
-
 def report_error(error: IipadError) -> typer.Exit:
     """Print the error as one line; the exit code is 2 for a UsageError, 1 otherwise."""
     code = 2 if isinstance(error, UsageError) else 1
