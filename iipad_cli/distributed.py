@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -224,6 +225,13 @@ class Group:
         return value  # type: ignore[return-value]
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    """torchrun stops the other workers with SIGTERM when one fails (and SIGKILLs them 30 s later).
+    Exiting through SystemExit instead of dying at once runs every `with`/`finally` on the way out,
+    so a rank's finished batches are sealed into the feature store and its temporary files go."""
+    raise SystemExit(128 + signum)
+
+
 @contextlib.contextmanager
 def process_group(launch: Launch, device: torch.device) -> Iterator[Group]:
     """Join the ranks torchrun started (env:// rendezvous), and leave cleanly on exit."""
@@ -244,8 +252,10 @@ def process_group(launch: Launch, device: torch.device) -> Iterator[Group]:
         )
     except (RuntimeError, ValueError) as error:
         raise IipadError(f"{launch}: could not join the process group: {str(error).strip().splitlines()[0]}") from None
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         yield Group(launch)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         dist.destroy_process_group()
 

@@ -188,7 +188,7 @@ def test_world_of_one_collectives_are_local() -> None:
 
 COLLECTIVES_SCRIPT = textwrap.dedent(
     """
-    import json, os, sys
+    import json, os, signal, sys, time
     import torch
     from iipad_cli.distributed import launch_from_env, process_group, rank_device
     from iipad_cli.errors import IipadError
@@ -211,6 +211,11 @@ COLLECTIVES_SCRIPT = textwrap.dedent(
             group.from_main(lambda: (_ for _ in ()).throw(IipadError("no images in in/")))
         except IipadError as error:
             report["main_error"] = str(error)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # how torchrun stops the survivors of a failed group
+            time.sleep(30)
+        except SystemExit as stop:
+            report["sigterm_exit"] = stop.code
         out = sys.argv[1]
         with open(os.path.join(out, f"rank{launch.rank}.json"), "w") as handle:
             json.dump(report, handle)
@@ -239,6 +244,8 @@ def test_collectives_across_two_processes(tmp_path: Path) -> None:
         assert report["from_main"] == ["a.png", "b.png", "made by 0"]
         assert report["collective_error"] == "rank 1 of 2: image x.png is truncated"
         assert report["main_error"] == "no images in in/"
+        # SIGTERM unwinds through `with`/`finally` (so store segments get sealed) instead of killing.
+        assert report["sigterm_exit"] == 143
     lost = (tmp_path / "lost.txt").read_text()
     assert lost.startswith("rank 0 of 2: lost contact with another rank") and "\n" not in lost
 
