@@ -205,6 +205,7 @@ class _ShardOutcome:
     scored: int
     skipped: list[str]
     seconds: float
+    cpu_seconds: float
     device: str
     settings: dict[str, Any]
     labels: dict[str, int]
@@ -285,7 +286,7 @@ def _predict_shard(
     scored = 0
     skipped: list[str] = []
     part = _part_path(out_dir, launch)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     label = "predict" if not launch.distributed else f"predict ({launch})"
     key = _store_key(models)
     store = FeatureStore(resolve_cache_dir(options.cache))
@@ -391,6 +392,7 @@ def _predict_shard(
         scored=scored,
         skipped=skipped,
         seconds=time.perf_counter() - started,
+        cpu_seconds=time.process_time() - cpu_started,
         device=str(device),
         settings=settings,
         labels=labels_count,
@@ -432,7 +434,14 @@ def _finish(
             "images_per_s": round(rate, 3),
             "world_size": launch.world_size,
             "ranks": [
-                {"rank": o.rank, "device": o.device, "scored": o.scored, "seconds": round(o.seconds, 3)} for o in outcomes
+                {
+                    "rank": o.rank,
+                    "device": o.device,
+                    "scored": o.scored,
+                    "seconds": round(o.seconds, 3),
+                    "cpu_seconds": round(o.cpu_seconds, 3),
+                }
+                for o in outcomes
             ],
         },
     )
