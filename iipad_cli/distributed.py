@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 # The commands that split their work across ranks; every other command refuses WORLD_SIZE > 1.
-DISTRIBUTED_COMMANDS = frozenset({"predict"})
+DISTRIBUTED_COMMANDS = frozenset({"extract", "predict"})
 
 # How long a rank waits for the others at a collective. A crashed or killed peer is noticed at once
 # (its connection closes), so this only bounds a peer that hangs; a rank whose shard is much slower
@@ -50,6 +50,7 @@ class Launch:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    node: int = 0  # torchrun's GROUP_RANK: which node (agent) started this process; rank 0 is on node 0
 
     @property
     def distributed(self) -> bool:
@@ -77,8 +78,9 @@ def _int_variable(environ: Mapping[str, str], name: str, default: int) -> int:
 def launch_from_env(environ: Mapping[str, str] | None = None) -> Launch:
     """The launch described by torchrun's variables; a world of one when WORLD_SIZE is unset.
 
-    LOCAL_WORLD_SIZE defaults to WORLD_SIZE (one node), LOCAL_RANK to RANK. Inconsistent values
-    are a one-line error rather than a hang at the first collective.
+    LOCAL_WORLD_SIZE defaults to WORLD_SIZE (one node), LOCAL_RANK to RANK, GROUP_RANK (the node)
+    to RANK // LOCAL_WORLD_SIZE (torchrun numbers ranks node by node). Inconsistent values are a
+    one-line error rather than a hang at the first collective.
     """
     environ = os.environ if environ is None else environ
     world_size = _int_variable(environ, "WORLD_SIZE", 1)
@@ -97,7 +99,10 @@ def launch_from_env(environ: Mapping[str, str] | None = None) -> Launch:
         raise IipadError(
             f"environment variable LOCAL_RANK={local_rank}: must be between 0 and LOCAL_WORLD_SIZE-1={local_world_size - 1}"
         )
-    return Launch(rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_world_size)
+    node = _int_variable(environ, "GROUP_RANK", rank // local_world_size)
+    if node < 0:
+        raise IipadError(f"environment variable GROUP_RANK={node}: must be 0 or more")
+    return Launch(rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_world_size, node=node)
 
 
 def check_command(command: str, launch: Launch) -> None:
@@ -225,11 +230,51 @@ class Group:
         return value  # type: ignore[return-value]
 
 
-def _stop_on_sigterm(signum: int, frame: object) -> None:
-    """torchrun stops the other workers with SIGTERM when one fails (and SIGKILLs them 30 s later).
-    Exiting through SystemExit instead of dying at once runs every `with`/`finally` on the way out,
-    so a rank's finished batches are sealed into the feature store and its temporary files go."""
-    raise SystemExit(128 + signum)
+class _Sigterm:
+    """What SIGTERM does in a rank: torchrun stops the other workers with it when one fails (and
+    SIGKILLs them 30 s later). Exiting through SystemExit instead of dying at once runs every
+    `with`/`finally` on the way out, so a rank's finished batches are sealed into the feature store
+    and its temporary files go. While `held`, the exit waits for the next batch boundary."""
+
+    held = False
+    arrived = False
+
+    @classmethod
+    def handle(cls, signum: int, frame: object) -> None:
+        if cls.held:
+            cls.arrived = True
+            return
+        raise SystemExit(128 + signum)
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.arrived:
+            cls.arrived = False
+            raise SystemExit(128 + signal.SIGTERM)
+
+
+def _keep_going() -> None:
+    """The check of a world of one, where SIGTERM keeps its default meaning."""
+
+
+@contextlib.contextmanager
+def stop_between_batches(launch: Launch) -> Iterator[Callable[[], None]]:
+    """Under torchrun, hold SIGTERM while a rank works and yield the check to call between batches.
+
+    SIGTERM handled at once could land inside a store write and cost the rank its open segment;
+    held, it ends the rank at the next batch boundary (or when the block ends), with every
+    finished batch sealed into the store. A batch takes seconds, well inside the 30 s torchrun
+    waits before SIGKILL.
+    """
+    if not launch.distributed:
+        yield _keep_going
+        return
+    _Sigterm.held = True
+    try:
+        yield _Sigterm.check
+    finally:
+        _Sigterm.held = False
+    _Sigterm.check()
 
 
 @contextlib.contextmanager
@@ -252,7 +297,7 @@ def process_group(launch: Launch, device: torch.device) -> Iterator[Group]:
         )
     except (RuntimeError, ValueError) as error:
         raise IipadError(f"{launch}: could not join the process group: {str(error).strip().splitlines()[0]}") from None
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _Sigterm.handle)
     try:
         yield Group(launch)
     finally:

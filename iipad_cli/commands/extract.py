@@ -16,13 +16,17 @@ def extract_command(options: ExtractOptions) -> None:
     image is looked up in the feature store by the sha256 of its bytes and only the missing
     ones are encoded; features.h5 points into the store unless --copy. An interrupted run
     keeps what it encoded; re-running with the same options does nothing; other options are
-    refused unless --force.
+    refused unless --force. Under torchrun the ranks encode disjoint shards (docs/scale.md).
 
     Example: iipad extract data/mvtec --shots 1 --backbone tiny -o runs/t --classes bottle,tire
     """
+    from iipad_cli.distributed import launch_from_env
     from iipad_cli.stages.extract import run_extract
 
-    print_path(run_extract(options))
+    run_dir = run_extract(options)
+    # Under torchrun only rank 0 prints the result (one line on stdout, not one per rank).
+    if launch_from_env().is_main:
+        print_path(run_dir)
 
 
 def register(app: typer.Typer) -> None:

@@ -50,11 +50,14 @@ def content_keys(samples: "Sequence[Sample]") -> list[str]:
     return keys
 
 
-def content_digest(splits: "dict[str, Sequence[Sample]]") -> str:
-    """One hash of every (split, path, content sha256) a run reads: changed bytes under the same name show."""
-    return sha256_json(
-        [[split, sample.rel_path, key] for split, samples in splits.items() for sample, key in zip(samples, content_keys(samples))]
-    )
+def content_digest(splits: "dict[str, Sequence[Sample]]", keys: "dict[str, list[str]] | None" = None) -> str:
+    """One hash of every (split, path, content sha256) a run reads: changed bytes under the same name show.
+
+    `keys` (per split, as `content_keys` returns them) when already known, e.g. gathered from the
+    torchrun ranks that hashed the images.
+    """
+    keys = keys if keys is not None else {split: content_keys(samples) for split, samples in splits.items()}
+    return sha256_json([[split, sample.rel_path, key] for split, samples in splits.items() for sample, key in zip(samples, keys[split])])
 
 
 @dataclass(frozen=True)

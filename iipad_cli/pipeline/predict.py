@@ -40,7 +40,11 @@ class PredictOptions:
         o.Force, "Use banks made from another generator, or encode in another precision than the run's features."
     ) = False
     quiet: o.Quiet = False
-    cache: o.Cache = None
+    cache: o.described(
+        o.Cache,
+        "Feature store to read from and to add the new images' features to (without it: read from "
+        "$IIPAD_CACHE, else $XDG_CACHE_HOME/iipad, else ~/.cache/iipad, and add nothing).",
+    ) = None
 
     def validate(self) -> None:
         at_least("--batch-size", self.batch_size, 1)

@@ -12,6 +12,7 @@ is still missing.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -26,12 +27,21 @@ from torch.utils.data import DataLoader, get_worker_info
 from torch.utils.data import Dataset as TorchDataset
 
 from iipad_cli import __version__
-from iipad_cli.artifacts import FEATURES_FILE, SCHEMA_VERSION, atomic_path, record_stage, sha256_file, sha256_json
+from iipad_cli.artifacts import FEATURES_FILE, SCHEMA_VERSION, atomic_path, record_stage, sha256_file
 from iipad_cli.config import CLIP_MEAN, CLIP_STD, BackboneSpec
 from iipad_cli.data.images import MASK_THRESHOLD, load_mask, oriented_size, preprocess_image
 from iipad_cli.data.layouts import Dataset, Sample, load_dataset
 from iipad_cli.data.shots import shot_files
-from iipad_cli.devices import bf16_units, describe_precision, resolve_device
+from iipad_cli.distributed import (
+    Group,
+    Launch,
+    launch_from_env,
+    process_group,
+    rank_device,
+    shard_range,
+    stop_between_batches,
+)
+from iipad_cli.devices import bf16_units, describe_precision
 from iipad_cli.errors import IipadError
 from iipad_cli.models.backbone import Backbone
 from iipad_cli.checkpoints import find_weights, load_backbone
@@ -50,6 +60,7 @@ from iipad_cli.schema.features import (
     write_features_file,
 )
 from iipad_cli.store import BackboneKey, FeatureStore, Location, StoreWriter, resolve_cache_dir
+from iipad_cli.store.index import SegmentRecord
 from iipad_cli.ui import log, progress
 from iipad_cli.writes import HDF5_MARGIN_BYTES, require_space
 
@@ -332,106 +343,290 @@ def _columns(split: str, samples: Sequence[Sample], resolution: int) -> dict[str
     return columns
 
 
-def _encode_missing(
+@dataclass(frozen=True)
+class _Decision:
+    """Rank 0's answer after the store lookup, handed to every rank."""
+
+    current: bool  # features.h5 is up to date: nothing to do
+    key: BackboneKey | None
+    missing: list[str]  # content sha256s to encode, in the order of the run's images
+    attrs: dict[str, Any]  # features.h5's root attributes, with the weights and the store key
+
+
+@dataclass(frozen=True)
+class _RankReport:
+    """What one rank encoded (the manifest's `ranks` list)."""
+
+    rank: int
+    device: str
+    images_encoded: int
+    seconds: float
+    cpu_seconds: float
+    trunk_shared: bool | None
+    # Sealed segments this rank left for rank 0 to index (a rank on another node than rank 0).
+    sealed: tuple[tuple[SegmentRecord, list[str]], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "device": self.device,
+            "images_encoded": self.images_encoded,
+            "seconds": round(self.seconds, 3),
+            "cpu_seconds": round(self.cpu_seconds, 3),
+            "trunk_shared": self.trunk_shared,
+            "segments_indexed_by_rank_0": len(self.sealed),
+        }
+
+
+def _sharded_content_keys(group: Group, splits: dict[str, list[Sample]], batch_size: int) -> dict[str, list[str]]:
+    """Every image's content sha256, each rank hashing a contiguous shard (reading 10^6 files is
+    itself a job worth sharing), gathered in order on every rank."""
+    flat = [sample for split in SPLITS for sample in splits[split]]
+    shard = shard_range(len(flat), batch_size, group.launch.rank, group.launch.world_size)
+    mine = group.collectively(lambda: content_keys(flat[shard.start : shard.stop]))
+    keys = [key for part in group.gather(mine) for key in part]
+    contents: dict[str, list[str]] = {}
+    for split in SPLITS:
+        contents[split], keys = keys[: len(splits[split])], keys[len(splits[split]) :]
+    return contents
+
+
+def _needed(splits: dict[str, list[Sample]], contents: dict[str, list[str]]) -> dict[str, Sample]:
+    """Distinct contents in the order of the run's images (train, then test) -> their first sample."""
+    needed: dict[str, Sample] = {}
+    for split in SPLITS:
+        for sample, content in zip(splits[split], contents[split]):
+            needed.setdefault(content, sample)
+    return needed
+
+
+def _encode_shard(
     store: FeatureStore,
-    key: BackboneKey,
-    missing: dict[str, Sample],
+    decision: _Decision,
+    needed: dict[str, Sample],
     spec: BackboneSpec,
     options: ExtractOptions,
-    random_weights: bool,
-    precision: str,
-) -> dict[str, Any]:
-    """Load the backbone and encode the images the store lacks; returns the manifest's rate figures."""
-    # Checked before loading the encoders: the new segments must fit beside the store's index.
-    features_only = _bytes_per_image(feature_shapes(spec), 0)
-    require_space(store.index.path, len(missing) * features_only + HDF5_MARGIN_BYTES)
-    device = resolve_device(options.device)
+    launch: Launch,
+    device: torch.device,
+) -> _RankReport:
+    """Load the backbone and encode this rank's shard of the missing images into its own store
+    writer; a rank with an empty shard loads nothing."""
+    assert decision.key is not None
+    # One split at a time, in the split's order, each split sharded in whole batches: the batches
+    # (and so the fp16 features: batched matmuls round per batch) are the ones one process forms.
+    shards: dict[str, list[str]] = {}
+    for split in SPLITS:
+        missing = [content for content in decision.missing if needed[content].split == split]
+        shard = shard_range(len(missing), options.batch_size, launch.rank, launch.world_size)
+        shards[split] = missing[shard.start : shard.stop]
+    total = sum(len(contents) for contents in shards.values())
+    started, cpu_started = time.perf_counter(), time.process_time()
+    if not total:
+        return _RankReport(launch.rank, str(device), 0, 0.0, 0.0, None)
+    quiet = options.quiet or not launch.is_main
+    precision = str(decision.attrs["precision"])
     backbone = load_backbone(spec, options.weights, device, precision)
     trunk = "shared by CLIP and the Q-Former" if backbone.trunk_shared else "not shared (Q-Former runs its own tower)"
-    weights_note = " (random weights)" if random_weights else ""
-    log(f"backbone {spec.backbone_id}{weights_note} on {device}, {describe_precision(precision, device)}; ViT trunk {trunk}", options.quiet)
+    weights_note = " (random weights)" if decision.attrs["random_weights"] else ""
+    log(f"backbone {spec.backbone_id}{weights_note} on {device}, {describe_precision(precision, device)}; ViT trunk {trunk}", quiet)
     workers = default_workers() if options.workers is None else options.workers
+    label = "extract" if not launch.distributed else f"extract ({launch})"
+    sealed: list[tuple[SegmentRecord, list[str]]] = []
+    writer = _rank_writer(store, decision.key, spec, launch, sealed)
+    with progress(quiet) as bar, writer, stop_between_batches(launch) as check_stop:
+        throughput = _Throughput(bar, bar.add_task(label, total=total, rate=""), time.perf_counter())
+
+        def on_batch(images: int) -> None:
+            throughput.advance(images)
+            check_stop()
+
+        for contents in shards.values():
+            encode_into_store(writer, [needed[c] for c in contents], contents, backbone, options.batch_size, workers, on_batch)
+    return _RankReport(
+        launch.rank,
+        str(device),
+        total,
+        time.perf_counter() - started,
+        time.process_time() - cpu_started,
+        backbone.trunk_shared,
+        tuple(sealed),
+    )
+
+
+def _rank_writer(
+    store: FeatureStore, key: BackboneKey, spec: BackboneSpec, launch: Launch, sealed: list[tuple[SegmentRecord, list[str]]]
+) -> StoreWriter:
+    """This rank's own store writer. Ranks on rank 0's node index their sealed segments themselves
+    (SQLite WAL: concurrent writers on one host); a rank on another node never opens the index (WAL
+    needs every connection on one host) and appends its sealed segments to `sealed` for rank 0."""
     shapes = feature_shapes(spec)
-    with progress(options.quiet) as bar, store.writer(key, {name: shapes.of(name) for name in FEATURE_FIELDS}) as writer:
-        throughput = _Throughput(bar, bar.add_task("extract", total=len(missing), rate=""), time.perf_counter())
-        # One split at a time, in the split's order: with an empty store the batches are the ones a
-        # run always formed, so its fp16 features (batched matmuls round per batch) do not change.
-        for split in SPLITS:
-            part = {content: sample for content, sample in missing.items() if sample.split == split}
-            encode_into_store(writer, list(part.values()), list(part), backbone, options.batch_size, workers, throughput.advance)
-    seconds = time.perf_counter() - throughput.started
-    log(f"encoded {throughput.images} images in {seconds:.1f} s ({throughput.rate:.2f} images/s) into {store.root}", options.quiet)
-    return {"images_per_s": round(throughput.rate, 3), "trunk_shared": backbone.trunk_shared}
+    field_shapes = {name: shapes.of(name) for name in FEATURE_FIELDS}
+    if launch.node == 0:
+        return store.writer(key, field_shapes)
+
+    def hand_to_rank_0(record: SegmentRecord, contents: list[str]) -> int:
+        sealed.append((record, contents))
+        return 0
+
+    return StoreWriter(store, key, field_shapes, commit=hand_to_rank_0)
 
 
 def run_extract(options: ExtractOptions) -> Path:
-    """Features of the test set and the K shots per class, from the store; returns the run directory."""
+    """Features of the test set and the K shots per class, from the store; returns the run directory.
+
+    Under torchrun (distributed.py) the ranks hash and encode disjoint shards, each into its own
+    store writer, and rank 0 alone decides what is missing and writes features.h5 and the
+    manifest; a world of one is the single-process extract.
+    """
     started = time.perf_counter()
     options.validate()
+    launch = launch_from_env()
+    device = rank_device(options.device, launch)
+    quiet = options.quiet or not launch.is_main
+    with process_group(launch, device) as group:
+        dataset, spec, splits = group.collectively(lambda: _listing(options))
+        listings = set(group.gather(listing_digest(dataset)))
+        if len(listings) > 1:
+            raise IipadError(
+                f"{options.data}: the ranks list different images (files changing, or not the same path on every node)"
+            )
+        # Resolved for rank 0's device (auto: bf16 where it is fast); every rank then runs in it.
+        precision = group.from_main(options.resolved_precision)
+        attrs = _file_attrs(options, dataset, spec, splits["train"], precision)
+        contents = _sharded_content_keys(group, splits, options.batch_size)
+        attrs["content_sha256"] = content_digest(splits, contents)
+        run_dir = Path(options.output) if options.output is not None else default_run_dir(dataset.root, options.shots)
+        final = run_dir / FEATURES_FILE
+        needed = _needed(splits, contents)
+        store = FeatureStore(resolve_cache_dir(options.cache))
+        with contextlib.ExitStack() as held, store:
+            # One writer per run directory (runlock.py): rank 0 holds the lock for every rank,
+            # from before it reads features.h5 until the new one and the manifest are written.
+            group.from_main(lambda: held.enter_context(run_lock(run_dir, "extract")))
+            decision = group.from_main(lambda: _decide(store, final, attrs, spec, dataset, splits, needed, options))
+            if decision.current:
+                return run_dir
+            assert decision.key is not None
+            report = group.collectively(
+                lambda: _encode_shard(store, decision, needed, spec, options, launch, device)
+            )
+            reports = group.gather(report)
+            if decision.missing:
+                seconds = max(r.seconds for r in reports)
+                rate = len(decision.missing) / seconds if seconds > 0 else 0.0
+                ranks = f" on {launch.world_size} ranks" if launch.distributed else ""
+                log(f"encoded {len(decision.missing)} images{ranks} in {seconds:.1f} s ({rate:.2f} images/s) into {store.root}", quiet)
+            # Collective, so no rank reports success before features.h5 exists, nor waits on a
+            # rank 0 whose write failed.
+            group.collectively(
+                lambda: _write_run(
+                    store, decision, needed, splits, contents, spec, dataset, reports, options, run_dir, started, device
+                )
+                if launch.is_main
+                else None
+            )
+    return run_dir
+
+
+def _listing(options: ExtractOptions) -> tuple[Dataset, BackboneSpec, dict[str, list[Sample]]]:
     dataset = load_dataset(options.data, options.layout, options.classes)
-    spec = get_spec(options.backbone)
-    splits = options.splits(dataset)
-    shots = splits["train"]
-    precision = options.resolved_precision()
-    attrs = _file_attrs(options, dataset, spec, shots, precision)
-    attrs["content_sha256"] = content_digest(splits)
-    run_dir = Path(options.output) if options.output is not None else default_run_dir(dataset.root, options.shots)
-    final = run_dir / FEATURES_FILE
+    return dataset, get_spec(options.backbone), options.splits(dataset)
+
+
+def _decide(
+    store: FeatureStore,
+    final: Path,
+    attrs: dict[str, Any],
+    spec: BackboneSpec,
+    dataset: Dataset,
+    splits: dict[str, list[Sample]],
+    needed: dict[str, Sample],
+    options: ExtractOptions,
+) -> _Decision:
+    """Rank 0: refuse other options, stop when features.h5 is current, else look the images up and
+    check, before any rank loads the encoders, that what is to be written fits on the disks."""
+    attrs = dict(attrs)
     # Other options are reported before looking for weights, so "made with backbone tiny" is not
     # hidden behind "weights for vit-l-14 not found".
     if final.is_file() and not options.force:
         _refuse_other_options(final, attrs, dataset)
     attrs.update(_weights_attrs(spec, options.weights))
-    with run_lock(run_dir, "extract"):
-        if final.is_file() and not options.force:
-            _refuse_other_options(final, attrs, dataset)
-            reason = _current_file(final, attrs, options.copy)
-            if reason is None:
-                log(f"{final}: up to date (same options), nothing to do", options.quiet)
-                return run_dir
-            log(f"{final}: writing it again ({reason})", options.quiet)
+    if final.is_file() and not options.force:
+        _refuse_other_options(final, attrs, dataset)
+        reason = _current_file(final, attrs, options.copy)
+        if reason is None:
+            log(f"{final}: up to date (same options), nothing to do", options.quiet)
+            return _Decision(current=True, key=None, missing=[], attrs=attrs)
+        log(f"{final}: writing it again ({reason})", options.quiet)
+    key = backbone_key(spec, attrs["weights_sha256"], str(attrs["precision"]))
+    attrs["store_backbone_key"] = key.digest
+    stored = store.lookup(key, needed)
+    missing = [content for content in needed if content not in stored]
+    shapes = feature_shapes(spec)
+    if missing:
+        # The new segments must fit beside the store's index.
+        require_space(store.index.path, len(missing) * _bytes_per_image(shapes, 0) + HDF5_MARGIN_BYTES)
+        # Before any rank seals a segment: rank 0 may index other nodes' segments for this key.
+        store.index.ensure_backbone(key.digest, key.to_json(), {name: shapes.of(name) for name in FEATURE_FIELDS})
+    if options.copy:  # the self-contained file must fit too
+        rows = sum(len(samples) for samples in splits.values())
+        require_space(final, rows * _bytes_per_image(shapes, options.resolution) + HDF5_MARGIN_BYTES)
+    log(f"{len(needed)} distinct images: {len(needed) - len(missing)} in the feature store {store.root}, {len(missing)} to encode", options.quiet)
+    return _Decision(current=False, key=key, missing=missing, attrs=attrs)
 
-        key = backbone_key(spec, attrs["weights_sha256"], precision)
-        attrs["store_backbone_key"] = key.digest
-        contents = {split: content_keys(samples) for split, samples in splits.items()}
-        needed: dict[str, Sample] = {}
-        for split in SPLITS:
-            for sample, content in zip(splits[split], contents[split]):
-                needed.setdefault(content, sample)
-        store = FeatureStore(resolve_cache_dir(options.cache))
-        with store:
-            stored = store.lookup(key, needed)
-            missing = {content: sample for content, sample in needed.items() if content not in stored}
-            log(f"{len(needed)} distinct images: {len(needed) - len(missing)} in the feature store {store.root}, {len(missing)} to encode", options.quiet)
-            if options.copy:  # checked before any encoding: the self-contained file must fit too
-                rows = sum(len(samples) for samples in splits.values())
-                require_space(final, rows * _bytes_per_image(feature_shapes(spec), options.resolution) + HDF5_MARGIN_BYTES)
-            rates = _encode_missing(store, key, missing, spec, options, attrs["random_weights"], precision) if missing else {}
-            locations = store.lookup(key, needed)
-            lost = [needed[content].path for content in needed if content not in locations]
-            if lost:
-                raise IipadError(f"{lost[0]}: its features left the feature store while extract ran (cache cleared?); run extract again")
-            store.check_segments(locations.values())
-            sources: dict[str, list[Location]] = {split: [locations[c] for c in contents[split]] for split in SPLITS}
-            columns = {split: _columns(split, splits[split], options.resolution) for split in SPLITS}
-            with atomic_path(final) as tmp:
-                write_features_file(tmp, attrs, feature_shapes(spec), columns, sources, store.read if options.copy else None)
-        log(f"-> {final}" + (" (self-contained copy)" if options.copy else " (virtual datasets into the feature store)"), options.quiet)
-        record_stage(
-            run_dir,
-            "extract",
-            options=options.recorded(dataset),
-            inputs={},
-            outputs={FEATURES_FILE: sha256_file(final)},
-            seconds=time.perf_counter() - started,
-            extra={
-                "images_encoded": len(missing),
-                "images_from_store": len(needed) - len(missing),
-                "feature_store": str(store.root),
-                "store_backbone_key": key.digest,
-                **rates,
-                "precision": precision,
-                "bf16_units": bf16_units(resolve_device(options.device)),
-            },
-        )
-    return run_dir
+
+def _write_run(
+    store: FeatureStore,
+    decision: _Decision,
+    needed: dict[str, Sample],
+    splits: dict[str, list[Sample]],
+    contents: dict[str, list[str]],
+    spec: BackboneSpec,
+    dataset: Dataset,
+    reports: Sequence[_RankReport],
+    options: ExtractOptions,
+    run_dir: Path,
+    started: float,
+    device: torch.device,
+) -> None:
+    """Rank 0, after every rank's writer is sealed: features.h5 (atomically) and the manifest."""
+    assert decision.key is not None
+    final = run_dir / FEATURES_FILE
+    for report in reports:
+        for record, segment_contents in report.sealed:
+            store.index.commit_segment(record, segment_contents)
+    locations = store.lookup(decision.key, needed)
+    lost = [needed[content].path for content in needed if content not in locations]
+    if lost:
+        raise IipadError(f"{lost[0]}: its features left the feature store while extract ran (cache cleared?); run extract again")
+    store.check_segments(locations.values())
+    sources: dict[str, list[Location]] = {split: [locations[c] for c in contents[split]] for split in SPLITS}
+    columns = {split: _columns(split, splits[split], options.resolution) for split in SPLITS}
+    with atomic_path(final) as tmp:
+        write_features_file(tmp, decision.attrs, feature_shapes(spec), columns, sources, store.read if options.copy else None)
+    log(f"-> {final}" + (" (self-contained copy)" if options.copy else " (virtual datasets into the feature store)"), options.quiet)
+    encoded = len(decision.missing)
+    seconds = max(r.seconds for r in reports)
+    rates: dict[str, Any] = {}
+    if encoded:
+        rates["images_per_s"] = round(encoded / seconds, 3) if seconds > 0 else 0.0
+        rates["trunk_shared"] = next(r.trunk_shared for r in reports if r.trunk_shared is not None)
+    record_stage(
+        run_dir,
+        "extract",
+        options=options.recorded(dataset),
+        inputs={},
+        outputs={FEATURES_FILE: sha256_file(final)},
+        seconds=time.perf_counter() - started,
+        extra={
+            "images_encoded": encoded,
+            "images_from_store": len(needed) - encoded,
+            "feature_store": str(store.root),
+            "store_backbone_key": decision.key.digest,
+            "world_size": len(reports),
+            "ranks": [report.to_json() for report in reports],
+            **rates,
+            "precision": decision.attrs["precision"],
+            "bf16_units": bf16_units(device),
+        },
+    )

@@ -5,7 +5,8 @@ by the run's frozen backbone (its weight hashes must equal the ones in features.
 fp16 that features.h5 stores, and scored against the run's banks by the same function `score`
 uses — so an image of the run's test split gets exactly its map and score from scores.h5. An
 image whose bytes the feature store (docs/store.md) already holds for the run's backbone key is
-not encoded again; the images it encodes are added to the store.
+not encoded again; the images it encodes are added to the store only when `--cache` names one
+(otherwise nothing but the outputs is written).
 
 Each image is then decided with the run's label-free thresholds (RUN/thresholds.json, made by
 `score` from normal images only; `--threshold` / `--pixel-threshold` override them): its category
@@ -28,6 +29,7 @@ is the input order, into one `predictions.csv` (atomically) and writes `predict.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import shutil
@@ -223,7 +225,7 @@ def _batch_features(
     contents: Sequence[str],
     stored: dict[str, Location],
     store: FeatureStore,
-    writer: StoreWriter,
+    writer: StoreWriter | None,
     labels: Sequence[str],
 ) -> dict[str, torch.Tensor]:
     """The batch's features as `score` sees them (fp16 values as float32 on the device): read from
@@ -236,7 +238,8 @@ def _batch_features(
         check_finite_features(fresh, [labels[i] for i in encode], "predict")
         for name, values in fresh.items():
             arrays[name][encode] = values.half().cpu().numpy()
-        writer.add([contents[i] for i in encode], {name: arrays[name][encode] for name in FEATURE_FIELDS})
+        if writer is not None:
+            writer.add([contents[i] for i in encode], {name: arrays[name][encode] for name in FEATURE_FIELDS})
     found = [i for i, content in enumerate(contents) if content in stored]
     if found:
         locations = [stored[contents[i]] for i in found]
@@ -288,12 +291,15 @@ def _predict_shard(
     part = _part_path(out_dir, launch)
     started, cpu_started = time.perf_counter(), time.process_time()
     label = "predict" if not launch.distributed else f"predict ({launch})"
-    key = _store_key(models)
+    # Ranks on other nodes than rank 0 leave the store alone: its SQLite index (WAL) serves one host.
+    key = _store_key(models) if launch.node == 0 else None
     store = FeatureStore(resolve_cache_dir(options.cache))
+    # Images stream through; their features are kept only when asked for with --cache.
+    adds = key is not None and options.cache is not None
     from_store = 0
     with (
         store,
-        store.writer(key, {n: feature_shapes(spec).of(n) for n in FEATURE_FIELDS}) as features_writer,
+        store.writer(key, {n: feature_shapes(spec).of(n) for n in FEATURE_FIELDS}) if adds else contextlib.nullcontext() as features_writer,
         atomic_path(part) as tmp,
         tmp.open("w", newline="") as handle,
         progress(quiet) as bar,
@@ -318,7 +324,7 @@ def _predict_shard(
                 contents.append(content)
             if images:
                 labels = [str(p) for p in batch_paths]
-                stored = store.lookup(key, contents)
+                stored = store.lookup(key, contents) if key else {}
                 store.check_segments(stored.values())
                 # fp16, as features.h5 stores them: the run's test images were scored from those.
                 features = _batch_features(models, images, contents, stored, store, features_writer, labels)

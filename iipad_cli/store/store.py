@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -358,8 +358,19 @@ class StoreWriter:
     own write failed makes the writer discard its open segment instead.
     """
 
-    def __init__(self, store: FeatureStore, key: BackboneKey, shapes: dict[str, tuple[int, ...]], segment_bytes: int) -> None:
+    def __init__(
+        self,
+        store: FeatureStore,
+        key: BackboneKey,
+        shapes: dict[str, tuple[int, ...]],
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        commit: Callable[[SegmentRecord, list[str]], int] | None = None,
+    ) -> None:
+        """`commit` replaces indexing a sealed segment in this process's index connection: a torchrun
+        rank on another host than the index's hands the record to rank 0 instead (SQLite's WAL mode
+        needs every connection on one host)."""
         self.store = store
+        self._commit = commit
         self.key = key
         self.shapes = shapes
         self.rows_per_segment = max(1, segment_bytes // _bytes_per_row(shapes))
@@ -474,7 +485,8 @@ class StoreWriter:
             os.chmod(tmp, 0o444)
             os.replace(tmp, final)
             _fsync_dir(final.parent)
-            self.new_images += self.store.index.commit_segment(record, self._contents)
+            commit = self._commit if self._commit is not None else self.store.index.commit_segment
+            self.new_images += commit(record, list(self._contents))
         finally:
             _unlock(self._lock_fd, lock)
             self._lock_fd = None
