@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Decoding each image takes 50 ms longer, so that a fast machine cannot finish a whole extract
 # between a seal and a kill (a kill after everything is indexed would test no partial state).
 SLOW_DECODING = (
-    "import sys, time, iipad_cli.stages.extract as e\n"
+    "import sys, time, iipad_cli.stages.encoding as e\n"
     "decode = e.preprocess_image\n"
     "def slow(*args):\n    time.sleep(0.05)\n    return decode(*args)\n"
     "e.preprocess_image = slow\n"

@@ -283,13 +283,13 @@ def test_every_later_stage_on_a_full_disk_is_one_line_and_keeps_the_artifacts(
 WRITE_FAILS_MID_FILE = """
 import resource, os
 from pathlib import Path
-import iipad_cli.store.store as store
+import iipad_cli.store.writer as writer
 import iipad_cli.stages.extract as extract
 
 # Let the checks before the work pass, then take the space (or lower the limit) as if another
 # process had done it during the run: the HDF5 write of a feature store segment itself fails.
 extract.require_space = lambda path, needed: None
-original = store.StoreWriter.add
+original = writer.StoreWriter.add
 def add(self, contents, features):
     if self._contents:
         segment = self._paths()[0]
@@ -305,7 +305,7 @@ def add(self, contents, features):
                     pass
             os.close(fd)
     return original(self, contents, features)
-store.StoreWriter.add = add
+writer.StoreWriter.add = add
 """
 
 
@@ -331,13 +331,13 @@ def test_a_write_that_fails_inside_hdf5_is_one_line_not_a_segfault(data: Path, s
 
 LIMIT_BEFORE_WORKERS = """
 import resource
-import iipad_cli.stages.extract as extract
-original = extract.DataLoader
+import iipad_cli.stages.encoding as encoding
+original = encoding.DataLoader
 def loader(*args, **kwargs):
     # `ulimit -f` that the features file fits under but a batch in /dev/shm does not.
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
     return original(*args, **kwargs)
-extract.DataLoader = loader
+encoding.DataLoader = loader
 """
 
 
@@ -357,14 +357,14 @@ def test_a_worker_that_cannot_hand_over_a_batch_is_reported_not_waited_for(data:
 
 KILL_WORKER = """
 import os, signal
-import iipad_cli.stages.extract as extract
+import iipad_cli.stages.encoding as encoding
 from torch.utils.data import get_worker_info
-original = extract.preprocess_image
+original = encoding.preprocess_image
 def preprocess(path, size):
     if get_worker_info() is not None:
         os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does
     return original(path, size)
-extract.preprocess_image = preprocess
+encoding.preprocess_image = preprocess
 """
 
 
@@ -563,7 +563,7 @@ def test_ctrl_c_exits_130_and_rerunning_resumes(data: Path, tmp_path: Path) -> N
     marker = tmp_path / "two-stored"
     # Decoding the third image (two are stored: batch size 1, no workers) leaves a mark and waits.
     slow = (
-        "import time, pathlib, iipad_cli.stages.extract as e\n"
+        "import time, pathlib, iipad_cli.stages.encoding as e\n"
         "o = e.preprocess_image\ncalls = []\n"
         "def slow(*a):\n"
         "    calls.append(1)\n"

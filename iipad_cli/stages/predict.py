@@ -31,21 +31,16 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import glob
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from iipad_cli.artifacts import SCORES_FILE, atomic_path, provenance, write_json_atomic
+from iipad_cli.artifacts import SCORES_FILE, atomic_path
 from iipad_cli.data.images import preprocess_image
-from iipad_cli.data.layouts import is_image
 from iipad_cli.distributed import (
     Launch,
     launch_from_env,
@@ -63,15 +58,25 @@ from iipad_cli.schema.thresholds import THRESHOLDS_FILE, Thresholds, load_thresh
 from iipad_cli.stages._scoring import (
     RunModels,
     attach_banks,
-    check_finite_features,
     check_top_k,
-    encode_for_scoring,
     load_run_models,
     score_features,
 )
-from iipad_cli.stages.extract import backbone_key, feature_shapes
+from iipad_cli.stages.encoding import feature_shapes
+from iipad_cli.stages.predict_files import (
+    CSV_COLUMNS,
+    MASKS_DIR,
+    PREDICTIONS_CSV,
+    ShardOutcome,
+    expand_inputs,
+    finish,
+    output_names,
+    part_path,
+    write_mask_png,
+)
 from iipad_cli.stages.score import RANDOM_NOTE, resized_image
-from iipad_cli.store import BackboneKey, FeatureStore, Location, StoreWriter, content_sha256, resolve_cache_dir
+from iipad_cli.stages.stored_features import batch_features, store_key
+from iipad_cli.store import FeatureStore, content_sha256, resolve_cache_dir
 from iipad_cli.thresholds import (
     ANOMALOUS,
     NORMAL,
@@ -83,28 +88,6 @@ from iipad_cli.ui import err_console, log, progress
 from iipad_cli.viz import heatmap_figure, save_png
 from iipad_cli.writes import writable_directory
 
-PREDICTIONS_CSV = "predictions.csv"
-PREDICT_JSON = "predict.json"
-# Each rank's rows go to predictions.csv.part-RRRRR-of-WWWWW until rank 0 merges them.
-PART_INFIX = ".part-"
-MASKS_DIR = "masks"
-CSV_COLUMNS = (
-    "path",
-    "label",
-    "image_score",
-    "normalised_score",
-    "category",
-    "image_threshold",
-    "pixel_threshold",
-    "anomalous_pixel_fraction",
-    "prompt_max",
-    "visual_max",
-    "p_normal",
-    "retrieval_sim",
-    "retrieved",
-)
-
-
 @dataclass(frozen=True)
 class PredictResult:
     out_dir: Path
@@ -113,41 +96,6 @@ class PredictResult:
     csv_path: Path
     # Under torchrun only rank 0 prints the result (one line on stdout, not one per rank).
     rank: int = 0
-
-
-def expand_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Files, directories (every image below, sorted) and glob patterns -> unique image paths."""
-    found: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if is_image(p))
-            if not matches:
-                raise IipadError(f"{path}: no images in this directory")
-        elif path.exists():
-            matches = [path]
-        else:
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
-            if not matches:
-                raise IipadError(f"{item}: no such file, and no file matches it as a pattern")
-        found.extend(matches)
-    unique: dict[Path, Path] = {}
-    for path in found:
-        unique.setdefault(path.resolve(), path)
-    return list(unique.values())
-
-
-def output_names(paths: Sequence[Path]) -> list[str]:
-    """The file stems, all prefixed with as many parent directories as needed (joined by "__")
-    to make every name unique."""
-    parts = [p.resolve().with_suffix("").parts for p in paths]
-    depth = 1
-    while depth <= max((len(x) for x in parts), default=1):
-        names = ["__".join(x[-depth:]) for x in parts]
-        if len(set(names)) == len(names):
-            return names
-        depth += 1
-    return ["__".join(x) for x in parts]
 
 
 def _defaults(models: RunModels, options: PredictOptions) -> tuple[int, float]:
@@ -166,12 +114,6 @@ def _scale(models: RunModels) -> tuple[float, float] | None:
         return None
     attrs = read_scores_attrs(scores_path)
     return float(attrs["map_min"]), float(attrs["map_max"])
-
-
-def write_mask_png(mask: np.ndarray, path: Path) -> None:
-    """A binary mask as an 8-bit greyscale PNG: 255 anomalous, 0 normal (atomic)."""
-    with atomic_path(path) as tmp:
-        Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
 
 
 def run_thresholds(
@@ -198,60 +140,6 @@ def run_thresholds(
     return thresholds
 
 
-@dataclass(frozen=True)
-class _ShardOutcome:
-    """What one rank did: its part of predictions.csv (rows in input order, no header)."""
-
-    rank: int
-    part: Path
-    scored: int
-    skipped: list[str]
-    seconds: float
-    cpu_seconds: float
-    device: str
-    settings: dict[str, Any]
-    labels: dict[str, int]
-
-
-def _store_key(models: RunModels) -> BackboneKey:
-    """The store key of the features predict computes: the run's backbone and weights, in the
-    precision the encoders run in here (the run's own unless --precision with --force)."""
-    return backbone_key(models.backbone.spec, models.features_attrs["weights_sha256"], models.backbone.precision)
-
-
-def _batch_features(
-    models: RunModels,
-    images: Sequence[torch.Tensor],
-    contents: Sequence[str],
-    stored: dict[str, Location],
-    store: FeatureStore,
-    writer: StoreWriter | None,
-    labels: Sequence[str],
-) -> dict[str, torch.Tensor]:
-    """The batch's features as `score` sees them (fp16 values as float32 on the device): read from
-    the store for the contents it holds, encoded (and added to the store) for the others."""
-    shapes = feature_shapes(models.backbone.spec)
-    arrays = {name: np.empty((len(images), *shapes.of(name)), dtype=np.float16) for name in FEATURE_FIELDS}
-    encode = [i for i, content in enumerate(contents) if content not in stored]
-    if encode:
-        fresh = encode_for_scoring(models, [images[i] for i in encode])
-        check_finite_features(fresh, [labels[i] for i in encode], "predict")
-        for name, values in fresh.items():
-            arrays[name][encode] = values.half().cpu().numpy()
-        if writer is not None:
-            writer.add([contents[i] for i in encode], {name: arrays[name][encode] for name in FEATURE_FIELDS})
-    found = [i for i, content in enumerate(contents) if content in stored]
-    if found:
-        locations = [stored[contents[i]] for i in found]
-        for name in FEATURE_FIELDS:
-            arrays[name][found] = store.read(locations, name)
-    return {name: torch.from_numpy(values).float().to(models.device) for name, values in arrays.items()}
-
-
-def _part_path(out_dir: Path, launch: Launch) -> Path:
-    return out_dir / f"{PREDICTIONS_CSV}{PART_INFIX}{launch.rank:05d}-of-{launch.world_size:05d}"
-
-
 def _predict_shard(
     run_dir: Path,
     paths: Sequence[Path],
@@ -261,7 +149,7 @@ def _predict_shard(
     options: PredictOptions,
     device: torch.device,
     launch: Launch,
-) -> _ShardOutcome:
+) -> ShardOutcome:
     """Score the images at positions `shard`, streaming each batch's maps, overlays and CSV rows to
     disk, so memory does not grow with the number of images."""
     quiet = options.quiet or not launch.is_main
@@ -288,11 +176,11 @@ def _predict_shard(
     labels_count = {ANOMALOUS: 0, NORMAL: 0}
     scored = 0
     skipped: list[str] = []
-    part = _part_path(out_dir, launch)
+    part = part_path(out_dir, launch)
     started, cpu_started = time.perf_counter(), time.process_time()
     label = "predict" if not launch.distributed else f"predict ({launch})"
     # Ranks on other nodes than rank 0 leave the store alone: its SQLite index (WAL) serves one host.
-    key = _store_key(models) if launch.node == 0 else None
+    key = store_key(models) if launch.node == 0 else None
     store = FeatureStore(resolve_cache_dir(options.cache))
     # Images stream through; their features are kept only when asked for with --cache.
     adds = key is not None and options.cache is not None
@@ -327,7 +215,7 @@ def _predict_shard(
                 stored = store.lookup(key, contents) if key else {}
                 store.check_segments(stored.values())
                 # fp16, as features.h5 stores them: the run's test images were scored from those.
-                features = _batch_features(models, images, contents, stored, store, features_writer, labels)
+                features = batch_features(models, images, contents, stored, store, features_writer, labels)
                 from_store += sum(content in stored for content in contents)
                 result = score_features(models, features, labels, top_k=top_k, resolution=resolution, sigma=sigma)
                 for row, (path, name, (width, height)) in enumerate(zip(batch_paths, batch_names, batch_sizes)):
@@ -392,7 +280,7 @@ def _predict_shard(
         "overlay_scale": list(scale) if scale is not None else "per image",
         "note": note,
     }
-    return _ShardOutcome(
+    return ShardOutcome(
         rank=launch.rank,
         part=part,
         scored=scored,
@@ -402,60 +290,6 @@ def _predict_shard(
         device=str(device),
         settings=settings,
         labels=labels_count,
-    )
-
-
-def _merge_parts(csv_path: Path, parts: Sequence[Path]) -> None:
-    """One predictions.csv from the ranks' parts, in rank order (= input order), written atomically;
-    the parts (and any left by an interrupted run) are removed only after the rename."""
-    with atomic_path(csv_path) as tmp, tmp.open("w", newline="") as handle:
-        csv.DictWriter(handle, fieldnames=CSV_COLUMNS, lineterminator="\n").writeheader()
-        for part in parts:
-            with part.open(newline="") as source:
-                shutil.copyfileobj(source, handle)
-    for leftover in csv_path.parent.glob(f"{PREDICTIONS_CSV}{PART_INFIX}*"):
-        leftover.unlink(missing_ok=True)
-
-
-def _finish(
-    run_dir: Path, out_dir: Path, outcomes: Sequence[_ShardOutcome], launch: Launch, started: float, quiet: bool
-) -> None:
-    """Rank 0's share of the end: the merged predictions.csv, predict.json and the summary line."""
-    scored = sum(o.scored for o in outcomes)
-    skipped = [path for o in outcomes for path in o.skipped]
-    _merge_parts(out_dir / PREDICTIONS_CSV, [o.part for o in outcomes])
-    seconds = max(o.seconds for o in outcomes)
-    rate = scored / seconds if seconds > 0 else 0.0
-    settings = outcomes[0].settings
-    write_json_atomic(
-        out_dir / PREDICT_JSON,
-        {
-            **provenance(),
-            "run_dir": str(Path(run_dir).resolve()),
-            **{key: value for key, value in settings.items() if key != "note"},
-            "scored": scored,
-            "labels": {label: sum(o.labels[label] for o in outcomes) for label in (ANOMALOUS, NORMAL)},
-            "skipped": skipped,
-            "seconds": round(time.perf_counter() - started, 3),
-            "images_per_s": round(rate, 3),
-            "world_size": launch.world_size,
-            "ranks": [
-                {
-                    "rank": o.rank,
-                    "device": o.device,
-                    "scored": o.scored,
-                    "seconds": round(o.seconds, 3),
-                    "cpu_seconds": round(o.cpu_seconds, 3),
-                }
-                for o in outcomes
-            ],
-        },
-    )
-    ranks = f" on {launch.world_size} ranks" if launch.distributed else ""
-    log(
-        f"predicted {scored} images{ranks} in {seconds:.1f} s ({rate:.2f} images/s){settings['note']}, "
-        f"skipped {len(skipped)} -> {out_dir}",
-        quiet,
     )
 
 
@@ -484,7 +318,7 @@ def predict(run_dir: Path, inputs: Sequence[str], out_dir: Path, options: Predic
         # Collective, so no rank reports success before predictions.csv exists, nor waits on a
         # rank 0 whose merge failed.
         group.collectively(
-            lambda: _finish(run_dir, out_dir, outcomes, launch, started, options.quiet) if launch.is_main else None
+            lambda: finish(run_dir, out_dir, outcomes, launch, started, options.quiet) if launch.is_main else None
         )
     skipped = [path for o in outcomes for path in o.skipped]
     return PredictResult(out_dir=out_dir, scored=scored, skipped=skipped, csv_path=out_dir / PREDICTIONS_CSV, rank=launch.rank)

@@ -167,7 +167,7 @@ def _normal_images(inputs: tuple[str, ...]) -> list[Path]:
     """`--normal` files, directories and globs, expanded as `predict` expands its inputs."""
     if not inputs:
         return []
-    from iipad_cli.stages.predict import expand_inputs
+    from iipad_cli.stages.predict_files import expand_inputs
 
     return expand_inputs(inputs)
 

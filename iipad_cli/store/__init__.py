@@ -16,7 +16,8 @@ from iipad_cli.store.keys import (
     content_sha256,
 )
 from iipad_cli.store.location import CACHE_ENV, resolve_cache_dir
-from iipad_cli.store.store import FeatureStore, Location, StoreInfo, StoreWriter, VerifyReport
+from iipad_cli.store.store import FeatureStore, Location, StoreInfo, VerifyReport
+from iipad_cli.store.writer import StoreWriter
 
 __all__ = [
     "CACHE_ENV",
