@@ -11,6 +11,7 @@ from sklearn.metrics import auc, average_precision_score, precision_recall_curve
 from sklearn.metrics import roc_curve as sklearn_roc_curve
 
 from iipad_cli import metrics
+from iipad_cli.metrics import pixels
 
 
 def regions_8(mask: np.ndarray) -> list[np.ndarray]:
@@ -114,7 +115,7 @@ def test_regions_are_8_connected() -> None:
     mask = np.zeros((6, 6), dtype=bool)
     mask[1, 1] = mask[2, 2] = True  # diagonal neighbours: one region
     mask[4, 4] = True
-    assert metrics._region_labels(mask)[1] == 2 == len(regions_8(mask))
+    assert pixels.region_labels(mask)[1] == 2 == len(regions_8(mask))
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])

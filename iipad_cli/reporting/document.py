@@ -68,7 +68,7 @@ def evaluate_class(data: ClassData, options: EvaluateOptions, warn: Callable[[st
         if anomalous:
             warn(f"class {data.name}: no ground-truth masks for its anomalies; image metrics only")
     else:
-        # One streamed pass over the maps serves every exact pixel metric (iipad_cli/metrics.py).
+        # One streamed pass over the maps serves every exact pixel metric (iipad_cli/metrics/pixels.py).
         counts = metrics.pixel_counts(data.maps, data.masks)
         values[PIXEL_AUROC] = _number(metrics.pixel_auroc_from_counts(counts))
         values[PIXEL_AP] = _number(metrics.average_precision_from_counts(counts))
