@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from iipad_cli.artifacts import METRICS_CSV, METRICS_JSON, read_manifest, sha256_file
 from iipad_cli.cli import app
-from iipad_cli.schema.features import FeatureShapes, FeaturesWriter
+from iipad_cli.schema.features_writer import FeatureShapes, FeaturesWriter
 from iipad_cli.schema.scores import write_scores
 
 R = 16

@@ -23,7 +23,8 @@ from iipad_cli.data.images import preprocess_image
 from iipad_cli.data.layouts import Sample
 from iipad_cli.errors import IipadError
 from iipad_cli.models.backbone import Backbone
-from iipad_cli.schema.features import FEATURE_FIELDS, FeatureShapes
+from iipad_cli.schema.features import FEATURE_FIELDS
+from iipad_cli.schema.features_writer import FeatureShapes
 from iipad_cli.store import BackboneKey, StoreWriter
 
 # Longest wait for one batch from the decoding workers before giving up (a batch takes well under

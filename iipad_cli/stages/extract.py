@@ -41,7 +41,8 @@ from iipad_cli.errors import IipadError
 from iipad_cli.models.registry import get_spec
 from iipad_cli.pipeline.extract import ExtractOptions, content_digest, content_keys, default_run_dir, default_workers, listing_digest
 from iipad_cli.runlock import run_lock
-from iipad_cli.schema.features import FEATURE_FIELDS, SPLITS, write_features_file
+from iipad_cli.schema.features_writer import write_features_file
+from iipad_cli.schema.features import FEATURE_FIELDS, SPLITS
 from iipad_cli.stages.encoding import Throughput, backbone_key, bytes_per_image, encode_into_store, feature_shapes
 from iipad_cli.stages.features_file import (
     current_file,
