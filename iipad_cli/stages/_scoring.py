@@ -40,7 +40,6 @@ class RunModels:
     features_sha: str
     generator: PromptGenerator
     generator_sha: str
-    generator_meta: dict[str, Any]
     preset: Preset
     backbone: Backbone
     device: torch.device
@@ -110,7 +109,6 @@ def load_run_models(
         features_sha=features_sha,
         generator=generator.eval(),
         generator_sha=sha256_file(generator_path),
-        generator_meta=meta,
         preset=preset_from_metadata(meta, generator_path),
         backbone=backbone,
         device=device,

@@ -78,7 +78,6 @@ def _models(spec: BackboneSpec, device: torch.device) -> RunModels:
         features_sha="",
         generator=generator,
         generator_sha="",
-        generator_meta={},
         preset=preset,
         backbone=SimpleNamespace(text_encoder=_text_encoder(spec, device)),  # type: ignore[arg-type]
         device=device,
