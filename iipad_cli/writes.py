@@ -24,7 +24,7 @@ import re
 import resource
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from iipad_cli.errors import IipadError
@@ -79,14 +79,19 @@ def write_failure(error: BaseException, path: Path | str | None = None) -> Iipad
 
 
 @contextlib.contextmanager
-def reporting_write_errors(path: Path | str) -> Iterator[None]:
-    """Turn a write failure inside the block into a one-line IipadError naming `path`."""
+def reporting_write_errors(path: Path | str, *, on_failure: Callable[[], None] | None = None) -> Iterator[None]:
+    """Turn a write failure inside the block into a one-line IipadError naming `path`.
+
+    `on_failure` runs first, for a writer that must act on the failure itself (`hdf5_writes`).
+    """
     try:
         yield
     except (OSError, RuntimeError) as error:
         failure = write_failure(error, path)
         if failure is None:
             raise
+        if on_failure is not None:
+            on_failure()
         raise failure from None
 
 
@@ -145,14 +150,8 @@ def hdf5_writes(path: Path, handle: object) -> Iterator[None]:
     never closed, and `hdf5_left_open()` tells the CLI to leave with `os._exit` once the error is
     printed. Check the free space first (`require_space`) so that this stays the exception.
     """
-    try:
+    with reporting_write_errors(path, on_failure=lambda: _abandoned.append(handle)):
         yield
-    except (OSError, RuntimeError) as error:
-        failure = write_failure(error, path)
-        if failure is None:
-            raise
-        _abandoned.append(handle)
-        raise failure from None
 
 
 def abandoned(handle: object) -> bool:
