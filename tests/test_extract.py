@@ -267,6 +267,28 @@ def test_changed_bytes_under_the_same_name_are_encoded_again(shared_data: Path, 
     np.testing.assert_allclose(stored["vv"][row].astype(np.float32), direct["vv"][0].astype(np.float32), rtol=2e-3, atol=2e-3)
 
 
+def test_each_image_is_hashed_once_per_extract(shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun each rank hashes its shard and the digest cache is per process, so an image
+    whose hash is asked for again (e.g. for the manifest's recorded options) is read again from
+    disk by rank 0: extract asks once per image."""
+    import iipad_cli.store as store
+
+    asked: dict[Path, int] = {}
+    original = store.content_sha256
+
+    def counting(path: Path) -> str:
+        asked[Path(path)] = asked.get(Path(path), 0) + 1
+        return original(path)
+
+    monkeypatch.setattr(store, "content_sha256", counting)
+    data = tmp_path / "data"
+    shutil.copytree(shared_data / "mvtec" / "bottle", data / "bottle")
+    run_extract(_options(data, tmp_path / "run", cache=tmp_path / "cache"))
+    images = read_split(tmp_path / "run" / "features.h5", "train")["path"] + read_split(tmp_path / "run" / "features.h5", "test")["path"]
+    assert sorted(asked) == sorted(data / path for path in images)
+    assert set(asked.values()) == {1}
+
+
 def test_cleared_store_is_a_one_line_error_for_later_stages_and_copy_survives(shared_data: Path, tmp_path: Path) -> None:
     options = _options(shared_data / "visa", tmp_path / "run", classes=("tile_b",))
     run_extract(options)

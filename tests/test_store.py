@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from iipad_cli.errors import IipadError
-from iipad_cli.store import BackboneKey, FeatureStore, resolve_cache_dir
+from iipad_cli.store import BackboneKey, FeatureStore, StoreWriter, resolve_cache_dir
 from iipad_cli.store.index import INDEX_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -199,6 +199,39 @@ def assert_complete_and_correct(store: FeatureStore, contents: list[str]) -> Non
     locations = [found[c] for c in contents]
     for name in SHAPES:
         np.testing.assert_array_equal(store.read(locations, name), features_of(contents)[name])
+
+
+def test_segments_handed_to_a_commit_hook_stay_locked_until_released(tmp_path: Path) -> None:
+    """A torchrun rank on another node than rank 0 hands its sealed segments to rank 0, which
+    indexes them when every rank is done: until the rank releases them, `verify --repair` must
+    not take them for a dead writer's leftovers."""
+    store = FeatureStore(tmp_path / "cache")
+    store.index.ensure_backbone(KEY.digest, KEY.to_json(), SHAPES)
+    handed: list = []
+    first, second = [content(i) for i in range(3)], [content(i) for i in range(3, 5)]
+    writers = []
+    for contents in (first, second):
+        with StoreWriter(store, KEY, SHAPES, commit=lambda record, rows: handed.append((record, rows)) or 0) as writer:
+            writer.add(contents, features_of(contents))
+        writers.append(writer)
+    segments = [store.root / record.file for record, _rows in handed]
+    assert len(segments) == 2 and all(path.is_file() for path in segments)
+    assert store.lookup(KEY, first + second) == {}
+    assert store.info().reclaimable == []
+    store.verify(repair=True)
+    assert all(path.is_file() for path in segments)
+
+    store.index.commit_segment(*handed[0])  # rank 0 indexes the first one, then the ranks release
+    for writer in writers:
+        writer.release_handed_over()
+    assert sorted(store.lookup(KEY, first + second)) == sorted(first)
+    # The second was never indexed (a failed run): released, it is a leftover that repair reclaims.
+    leftovers = store.info().reclaimable
+    assert segments[1] in leftovers and segments[0] not in leftovers
+    store.verify(repair=True)
+    assert segments[0].is_file() and not segments[1].exists()
+    found = store.lookup(KEY, first)
+    assert np.array_equal(store.read([found[c] for c in first], "vv"), features_of(first)["vv"])
 
 
 def test_two_concurrent_writer_processes_both_succeed(tmp_path: Path) -> None:

@@ -116,15 +116,17 @@ class ExtractOptions:
 
         return {"train": select_shots(dataset, self.shots, self.shot_policy, self.seed), "test": list(dataset.test)}
 
-    def recorded(self, dataset: "Dataset") -> dict[str, Any]:
+    def recorded(self, dataset: "Dataset", content_sha256: str | None = None) -> dict[str, Any]:
         """The options as RUN/manifest.json records them (paths resolved by the data layout).
 
-        `content_sha256` makes image bytes that changed under the same names a reason to rerun.
+        `content_sha256` makes image bytes that changed under the same names a reason to rerun;
+        a caller that has it already passes it (torchrun's rank 0 holds only its own shard's
+        file hashes, and hashing every image again would undo sharing the hashing).
         """
         return {
             "data": str(dataset.root),
             "samples_sha256": listing_digest(dataset),
-            "content_sha256": content_digest(self.splits(dataset)),
+            "content_sha256": content_digest(self.splits(dataset)) if content_sha256 is None else content_sha256,
             "shots": self.shots,
             "backbone": self.backbone,
             "weights": weights_text(self.weights),

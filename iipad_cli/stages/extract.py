@@ -41,8 +41,8 @@ from iipad_cli.errors import IipadError
 from iipad_cli.models.registry import get_spec
 from iipad_cli.pipeline.extract import ExtractOptions, content_digest, content_keys, default_run_dir, default_workers, listing_digest
 from iipad_cli.runlock import run_lock
-from iipad_cli.schema.features_writer import write_features_file
 from iipad_cli.schema.features import FEATURE_FIELDS, SPLITS
+from iipad_cli.schema.features_writer import write_features_file
 from iipad_cli.stages.encoding import Throughput, backbone_key, bytes_per_image, encode_into_store, feature_shapes
 from iipad_cli.stages.features_file import (
     current_file,
@@ -122,6 +122,7 @@ def _encode_shard(
     options: ExtractOptions,
     launch: Launch,
     device: torch.device,
+    held: contextlib.ExitStack,
 ) -> _RankReport:
     """Load the backbone and encode this rank's shard of the missing images into its own store
     writer; a rank with an empty shard loads nothing."""
@@ -134,19 +135,20 @@ def _encode_shard(
         shard = shard_range(len(missing), options.batch_size, launch.rank, launch.world_size)
         shards[split] = missing[shard.start : shard.stop]
     total = sum(len(contents) for contents in shards.values())
-    started, cpu_started = time.perf_counter(), time.process_time()
     if not total:
         return _RankReport(launch.rank, str(device), 0, 0.0, 0.0, None)
     quiet = options.quiet or not launch.is_main
     precision = str(decision.attrs["precision"])
     backbone = load_backbone(spec, options.weights, device, precision)
+    # Timed from here, as the encoding rate always was: loading the model is not encoding.
+    started, cpu_started = time.perf_counter(), time.process_time()
     trunk = "shared by CLIP and the Q-Former" if backbone.trunk_shared else "not shared (Q-Former runs its own tower)"
     weights_note = " (random weights)" if decision.attrs["random_weights"] else ""
     log(f"backbone {spec.backbone_id}{weights_note} on {device}, {describe_precision(precision, device)}; ViT trunk {trunk}", quiet)
     workers = default_workers() if options.workers is None else options.workers
     label = "extract" if not launch.distributed else f"extract ({launch})"
     sealed: list[tuple[SegmentRecord, list[str]]] = []
-    writer = _rank_writer(store, decision.key, spec, launch, sealed)
+    writer = _rank_writer(store, decision.key, spec, launch, sealed, held)
     with progress(quiet) as bar, writer, stop_between_batches(launch) as check_stop:
         throughput = Throughput(bar, bar.add_task(label, total=total, rate=""), time.perf_counter())
 
@@ -168,11 +170,17 @@ def _encode_shard(
 
 
 def _rank_writer(
-    store: FeatureStore, key: BackboneKey, spec: BackboneSpec, launch: Launch, sealed: list[tuple[SegmentRecord, list[str]]]
+    store: FeatureStore,
+    key: BackboneKey,
+    spec: BackboneSpec,
+    launch: Launch,
+    sealed: list[tuple[SegmentRecord, list[str]]],
+    held: contextlib.ExitStack,
 ) -> StoreWriter:
     """This rank's own store writer. Ranks on rank 0's node index their sealed segments themselves
     (SQLite WAL: concurrent writers on one host); a rank on another node never opens the index (WAL
-    needs every connection on one host) and appends its sealed segments to `sealed` for rank 0."""
+    needs every connection on one host) and appends its sealed segments to `sealed` for rank 0,
+    keeping their locks (`held`) until rank 0 has indexed them and the run ends."""
     shapes = feature_shapes(spec)
     field_shapes = {name: shapes.of(name) for name in FEATURE_FIELDS}
     if launch.node == 0:
@@ -182,7 +190,9 @@ def _rank_writer(
         sealed.append((record, contents))
         return 0
 
-    return StoreWriter(store, key, field_shapes, commit=hand_to_rank_0)
+    writer = StoreWriter(store, key, field_shapes, commit=hand_to_rank_0)
+    held.callback(writer.release_handed_over)
+    return writer
 
 
 def run_extract(options: ExtractOptions) -> Path:
@@ -217,7 +227,7 @@ def run_extract(options: ExtractOptions) -> Path:
                 return run_dir
             assert decision.key is not None
             report = group.collectively(
-                lambda: _encode_shard(store, decision, needed, spec, options, launch, device)
+                lambda: _encode_shard(store, decision, needed, spec, options, launch, device, held)
             )
             reports = group.gather(report)
             if decision.missing:
@@ -323,7 +333,7 @@ def _write_run(
     record_stage(
         run_dir,
         "extract",
-        options=options.recorded(dataset),
+        options=options.recorded(dataset, content_sha256=decision.attrs["content_sha256"]),
         inputs={},
         outputs={FEATURES_FILE: sha256_file(final)},
         seconds=time.perf_counter() - started,

@@ -5,8 +5,9 @@ long enough, or the writer closes, it is flushed, fsynced, hashed and renamed to
 only then are its rows committed to the index. A sealed segment never changes again. So a process
 killed at any moment leaves at most an unindexed `.tmp` or `.h5` file (reclaimed by `verify
 --repair`), never an index row that points at missing or half-written bytes. The writer holds an
-exclusive `flock` on `<id>.lock` until its rows are committed, which is how repair tells a dead
-writer's leftovers from a live one's.
+exclusive `flock` on `<id>.lock` until its rows are in the index (a segment handed to another
+process to index keeps it until that process has), which is how repair tells a dead writer's
+leftovers from a live one's.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from iipad_cli.artifacts import _fsync_dir
+from iipad_cli.artifacts import fsync_dir
 from iipad_cli.digests import read_digest
 from iipad_cli.store.index import SegmentRecord
 from iipad_cli.store.keys import STORE_SCHEMA_VERSION, BackboneKey
@@ -71,10 +72,10 @@ class StoreWriter:
     """Appends encoded images to this writer's own segments; use as a context manager.
 
     `add` takes a batch (content sha256s and one fp16 array per field). A segment is sealed and
-    indexed when it is full, when it has been open `$IIPAD_STORE_SEAL_SECONDS` (default 60 s) and
-    when the writer closes, also after an exception (the rows
-    written so far are complete batches, so an interrupted extract keeps them); a batch whose
-    own write failed makes the writer discard its open segment instead.
+    committed (indexed, or handed to the `commit` hook) when it is full, when it has been open
+    `$IIPAD_STORE_SEAL_SECONDS` (default 60 s) and when the writer closes, also after an exception
+    (the rows written so far are complete batches, so an interrupted extract keeps them); a batch
+    whose own write failed makes the writer discard its open segment instead.
     """
 
     def __init__(
@@ -87,7 +88,8 @@ class StoreWriter:
     ) -> None:
         """`commit` replaces indexing a sealed segment in this process's index connection: a torchrun
         rank on another host than the index's hands the record to rank 0 instead (SQLite's WAL mode
-        needs every connection on one host)."""
+        needs every connection on one host). Such a segment keeps its lock until
+        `release_handed_over`, called once the receiver has indexed it."""
         self.store = store
         self._commit = commit
         self.key = key
@@ -96,6 +98,7 @@ class StoreWriter:
         self.seal_seconds = float(os.environ.get(SEAL_SECONDS_ENV, DEFAULT_SEAL_SECONDS))
         self._opened = 0.0
         self.new_images = 0  # contents this writer indexed first
+        self.handed_over: list[tuple[int, Path]] = []  # locks of sealed segments the hook has not indexed
         self._file: h5py.File | None = None
         self._contents: list[str] = []
         self._segment_id = ""
@@ -203,13 +206,26 @@ class StoreWriter:
             # Read-only: a run's features.h5 opened for writing must not write through into the store.
             os.chmod(tmp, 0o444)
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             commit = self._commit if self._commit is not None else self.store.index.commit_segment
             self.new_images += commit(record, list(self._contents))
+            if self._commit is not None:
+                # Indexed later, by whoever received the record: until then the lock tells
+                # `verify --repair` that the sealed file belongs to a live writer.
+                self.handed_over.append((self._lock_fd, lock))
+                self._lock_fd = None
         finally:
-            unlock(self._lock_fd, lock)
+            if self._lock_fd is not None:
+                unlock(self._lock_fd, lock)
             self._lock_fd = None
             self._contents = []
+
+    def release_handed_over(self) -> None:
+        """Drop the locks of the segments handed to the `commit` hook, once they are indexed (or,
+        after a failure, never will be: then `verify --repair` may reclaim them)."""
+        for fd, lock in self.handed_over:
+            unlock(fd, lock)
+        self.handed_over = []
 
     def close(self) -> None:
         self.seal()
