@@ -1,9 +1,11 @@
-"""Images -> the frozen encoders' fp16 features, into a feature store writer.
+"""Images -> the frozen encoders' fp16 features, into a feature store writer, and the facts about
+those features that `extract` and `predict` share (their shapes, their store key, their size).
 
-Built for throughput: batched forward under inference_mode, DataLoader workers decoding the next
-images while the model runs. `encode_into_store` is the one seam every encoder run goes through
-(`extract` on one process or on each torchrun rank's shard). A decoding error, a dead worker or
-a failed hand-over through shared memory is a one-line error, never a hang or a traceback.
+`encode_into_store` is how `extract` encodes, on one process or on each torchrun rank's shard
+(`predict` streams its images through `_scoring.encode_for_scoring` instead). It is built for
+throughput: batched forward under inference_mode, DataLoader workers decoding the next images
+while the model runs. A decoding error, a dead worker or a failed hand-over through shared memory
+is a one-line error, never a hang or a traceback.
 """
 
 from __future__ import annotations
@@ -120,6 +122,7 @@ def backbone_key(spec: BackboneSpec, weights_sha256: Sequence[str], precision: s
 
 
 def feature_shapes(spec: BackboneSpec) -> FeatureShapes:
+    """The per-image shape of each stored feature for this backbone (features.h5, store segments)."""
     patches = spec.num_patches
     return FeatureShapes(
         cls_token=(2, spec.embed_dim),
@@ -172,8 +175,8 @@ def encode_into_store(
 ) -> None:
     """Encode `samples` (whose file sha256s are `contents`) and add their fp16 features to the store.
 
-    The seam for a distributed extract: each torchrun rank opens its own `store.writer(...)` and
-    calls this on its shard; every writer seals its own segments, so ranks never share a file.
+    The seam for a distributed extract: each torchrun rank calls this on its shard with a writer
+    of its own, so ranks never share a segment file.
     """
     loader = DataLoader(
         _ImageDataset(samples, backbone.spec.image_size),

@@ -23,6 +23,7 @@ from iipad_cli.errors import IipadError
 from iipad_cli.pipeline.extract import ExtractOptions, listing_digest
 from iipad_cli.schema.features import ATTR_DEFAULTS, differing_attrs, missing_sources, read_attrs, read_split
 
+
 def weights_attrs(spec: BackboneSpec, weights_dir: Path | None) -> dict[str, Any]:
     """The weight files and their sha256 (or the random seed), without loading them.
 

@@ -88,6 +88,7 @@ from iipad_cli.ui import err_console, log, progress
 from iipad_cli.viz import heatmap_figure, save_png
 from iipad_cli.writes import writable_directory
 
+
 @dataclass(frozen=True)
 class PredictResult:
     out_dir: Path

@@ -14,6 +14,7 @@ from iipad_cli.stages._scoring import RunModels, check_finite_features, encode_f
 from iipad_cli.stages.encoding import backbone_key, feature_shapes
 from iipad_cli.store import BackboneKey, FeatureStore, Location, StoreWriter
 
+
 def store_key(models: RunModels) -> BackboneKey:
     """The store key of the features predict computes: the run's backbone and weights, in the
     precision the encoders run in here (the run's own unless --precision with --force)."""

@@ -63,7 +63,8 @@ def make_data(root: Path, images: int, size: int) -> Path:
 
 
 def export_random_weights(backbone_id: str, directory: Path) -> Path:
-    from iipad_cli.models.registry import build_random_backbone, export_weights, get_spec
+    from iipad_cli.checkpoints import export_weights
+    from iipad_cli.models.registry import build_random_backbone, get_spec
 
     export_weights(build_random_backbone(get_spec(backbone_id)), directory)
     return directory
@@ -156,8 +157,9 @@ def main() -> None:
             results["extract"] = summarise(one, many, args.nproc, images + 1)
         if "predict" in stages:
             env = _env(caches["one"])
-            for step in (["train", str(runs["one"]), "--epochs", "1"], ["bank", str(runs["one"])]):
-                timed([str(BIN / "iipad"), *step, "--device", "cpu", "--quiet"], env)
+            # score makes the label-free thresholds.json that predict decides with.
+            for step in (["train", str(runs["one"]), "--epochs", "1"], ["bank", str(runs["one"])], ["score", str(runs["one"])]):
+                timed([str(BIN / "iipad"), *step, *weights, "--device", "cpu", "--quiet"], env)
             test_dir = str(data / "part" / "test")
             predict = [str(BIN / "iipad"), "predict", str(runs["one"]), test_dir, *weights, "--device", "cpu",
                        "--batch-size", str(args.batch_size), "--quiet"]
