@@ -21,7 +21,7 @@ import contextlib
 import datetime
 import os
 import signal
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -206,12 +206,18 @@ class Group:
             result = step()
         except IipadError as error:
             message = str(error)
-        messages = self._all_gather(message)
+        self.raise_first(self._all_gather(message))
+        return result  # type: ignore[return-value]
+
+    def raise_first(self, messages: Sequence[str | None]) -> None:
+        """Raise the first error of the ranks' gathered `messages` (None: no error), naming its rank.
+
+        Every rank calls it with the same gathered list, so all of them raise, or none.
+        """
         for rank, text in enumerate(messages):
             if text is not None:
                 prefix = f"rank {rank} of {self.launch.world_size}: " if self.launch.distributed else ""
                 raise IipadError(prefix + text)
-        return result  # type: ignore[return-value]
 
     def from_main(self, step: Callable[[], T]) -> T:
         """`step` computed on rank 0 only and handed to every rank (e.g. one listing of the input

@@ -387,6 +387,25 @@ def _verified(cache: Path) -> int:
         return sum(backbone.images for backbone in store.info().backbones)
 
 
+def _on_two_nodes(command: list[str], **env: str) -> list[subprocess.CompletedProcess[str]]:
+    """`command` under two torchrun agents of one rank each meeting at a c10d rendezvous: two
+    "nodes" (GROUP_RANK 0 and 1) on this host."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    agent = [_tool("torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "iipad-two-nodes", "--no-python", *command]
+    agents = [subprocess.Popen(agent, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+              for _ in range(2)]
+    try:
+        outputs = [a.communicate(timeout=PROCESS_TIMEOUT_S) for a in agents]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
+    return [subprocess.CompletedProcess(agent, a.returncode, out, err) for a, (out, err) in zip(agents, outputs)]
+
+
 def test_extract_under_torchrun_equals_one_process(shared_data: Path, tmp_path: Path) -> None:
     data = shared_data / "mvtec"
     classes = ("--classes", "bottle,tire", "--batch-size", "4")
@@ -420,22 +439,9 @@ def test_extract_under_torchrun_equals_one_process(shared_data: Path, tmp_path: 
     # Two nodes (two torchrun agents, one rank each, meeting at a c10d rendezvous): the rank on the
     # other node never opens the store's SQLite index (WAL needs one host); rank 0 indexes its
     # sealed segments. Same features again.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    agent = [_tool("torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "iipad-two-nodes", "--no-python",
-             *_extract_command(data, tmp_path / "nodes", tmp_path / "cache-nodes", *classes)]
-    agents = [subprocess.Popen(agent, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
-              for _ in range(2)]
-    try:
-        outputs = [a.communicate(timeout=PROCESS_TIMEOUT_S) for a in agents]
-    finally:
-        for a in agents:
-            if a.poll() is None:
-                a.kill()
-    assert [a.returncode for a in agents] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
-    assert sorted(out.strip() for out, _ in outputs) == ["", str(tmp_path / "nodes")]
+    agents = _on_two_nodes(_extract_command(data, tmp_path / "nodes", tmp_path / "cache-nodes", *classes))
+    assert [a.returncode for a in agents] == [0, 0], agents[0].stderr[-2000:] + agents[1].stderr[-2000:]
+    assert sorted(a.stdout.strip() for a in agents) == ["", str(tmp_path / "nodes")]
     _assert_same_features(tmp_path / "one" / "features.h5", tmp_path / "nodes" / "features.h5")
     nodes = _extract_entry(tmp_path / "nodes")
     assert [r["segments_indexed_by_rank_0"] for r in nodes["ranks"]] == [0, 1]
@@ -475,6 +481,32 @@ def _make_folder_data(root: Path, images: int) -> Path:
         for index in range(count):
             Image.fromarray(rng.integers(0, 256, size=(48, 48, 3), dtype=np.uint8)).save(folder / f"{index:04d}.png")
     return root
+
+
+def test_a_failing_rank_on_another_node_keeps_its_sealed_work_for_the_rerun(tmp_path: Path) -> None:
+    """Rank 1 (the other "node") seals segments, then meets a corrupt image: the run fails on both
+    ranks with the image's one-line error, yet rank 0 indexes the segments rank 1 sealed, so the
+    rerun encodes only the image that was never encoded."""
+    data = _make_folder_data(tmp_path / "data", images=20)
+    corrupt = data / "part" / "test" / "good" / "0019.png"  # the last image of rank 1's shard
+    good_bytes = corrupt.read_bytes()
+    corrupt.write_bytes(b"not an image")
+    cache = tmp_path / "cache"
+    command = _extract_command(data, tmp_path / "run", cache, "--batch-size", "1", "--quiet")
+    # A segment sealed after every batch: rank 1 has handed several to rank 0 when it fails.
+    agents = _on_two_nodes(command, IIPAD_STORE_SEAL_SECONDS="0")
+    assert [a.returncode != 0 for a in agents] == [True, True]
+    assert all("0019.png" in a.stderr and "rank 1 of 2: " in a.stderr for a in agents), agents[0].stderr[-2000:]
+    assert not (tmp_path / "run" / "features.h5").exists()
+    # 1 shot + 20 test images; rank 1's shard is the shot and test images 10-19, the last corrupt.
+    assert _verified(cache) == 21 - 1
+
+    corrupt.write_bytes(good_bytes)
+    rerun = _run(command)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    entry = _extract_entry(tmp_path / "run")
+    assert (entry["images_encoded"], entry["images_from_store"]) == (1, 20)
+    assert _verified(cache) == 21
 
 
 def _rank_pid(torchrun: subprocess.Popen, rank: int) -> int | None:

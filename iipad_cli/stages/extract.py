@@ -29,7 +29,6 @@ from iipad_cli.config import BackboneSpec
 from iipad_cli.data.layouts import Dataset, Sample, load_dataset
 from iipad_cli.devices import bf16_units, describe_precision
 from iipad_cli.distributed import (
-    Group,
     Launch,
     launch_from_env,
     process_group,
@@ -39,11 +38,12 @@ from iipad_cli.distributed import (
 )
 from iipad_cli.errors import IipadError
 from iipad_cli.models.registry import get_spec
-from iipad_cli.pipeline.extract import ExtractOptions, content_digest, content_keys, default_run_dir, default_workers, listing_digest
+from iipad_cli.pipeline.extract import ExtractOptions, content_digest, default_run_dir, default_workers, listing_digest
 from iipad_cli.runlock import run_lock
 from iipad_cli.schema.features import FEATURE_FIELDS, SPLITS
 from iipad_cli.schema.features_writer import write_features_file
 from iipad_cli.stages.encoding import Throughput, backbone_key, bytes_per_image, encode_into_store, feature_shapes
+from iipad_cli.stages.extract_ranks import HandedOver, RankReport, index_handed_over, rank_writer, sharded_content_keys
 from iipad_cli.stages.features_file import (
     current_file,
     file_attrs,
@@ -51,8 +51,7 @@ from iipad_cli.stages.features_file import (
     refuse_other_options,
     weights_attrs,
 )
-from iipad_cli.store import BackboneKey, FeatureStore, Location, StoreWriter, resolve_cache_dir
-from iipad_cli.store.index import SegmentRecord
+from iipad_cli.store import BackboneKey, FeatureStore, Location, resolve_cache_dir
 from iipad_cli.ui import log, progress
 from iipad_cli.writes import HDF5_MARGIN_BYTES, require_space
 
@@ -65,44 +64,6 @@ class _Decision:
     key: BackboneKey | None
     missing: list[str]  # content sha256s to encode, in the order of the run's images
     attrs: dict[str, Any]  # features.h5's root attributes, with the weights and the store key
-
-
-@dataclass(frozen=True)
-class _RankReport:
-    """What one rank encoded (the manifest's `ranks` list)."""
-
-    rank: int
-    device: str
-    images_encoded: int
-    seconds: float
-    cpu_seconds: float
-    trunk_shared: bool | None
-    # Sealed segments this rank left for rank 0 to index (a rank on another node than rank 0).
-    sealed: tuple[tuple[SegmentRecord, list[str]], ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "rank": self.rank,
-            "device": self.device,
-            "images_encoded": self.images_encoded,
-            "seconds": round(self.seconds, 3),
-            "cpu_seconds": round(self.cpu_seconds, 3),
-            "trunk_shared": self.trunk_shared,
-            "segments_indexed_by_rank_0": len(self.sealed),
-        }
-
-
-def _sharded_content_keys(group: Group, splits: dict[str, list[Sample]], batch_size: int) -> dict[str, list[str]]:
-    """Every image's content sha256, each rank hashing a contiguous shard (reading 10^6 files is
-    itself a job worth sharing), gathered in order on every rank."""
-    flat = [sample for split in SPLITS for sample in splits[split]]
-    shard = shard_range(len(flat), batch_size, group.launch.rank, group.launch.world_size)
-    mine = group.collectively(lambda: content_keys(flat[shard.start : shard.stop]))
-    keys = [key for part in group.gather(mine) for key in part]
-    contents: dict[str, list[str]] = {}
-    for split in SPLITS:
-        contents[split], keys = keys[: len(splits[split])], keys[len(splits[split]) :]
-    return contents
 
 
 def _needed(splits: dict[str, list[Sample]], contents: dict[str, list[str]]) -> dict[str, Sample]:
@@ -123,9 +84,11 @@ def _encode_shard(
     launch: Launch,
     device: torch.device,
     held: contextlib.ExitStack,
-) -> _RankReport:
+    sealed: list[HandedOver],
+) -> RankReport:
     """Load the backbone and encode this rank's shard of the missing images into its own store
-    writer; a rank with an empty shard loads nothing."""
+    writer; a rank with an empty shard loads nothing. A rank on another node than rank 0 appends
+    its sealed segments to `sealed` (also those sealed before an error) for rank 0 to index."""
     assert decision.key is not None
     # One split at a time, in the split's order, each split sharded in whole batches: the batches
     # (and so the fp16 features: batched matmuls round per batch) are the ones one process forms.
@@ -136,7 +99,7 @@ def _encode_shard(
         shards[split] = missing[shard.start : shard.stop]
     total = sum(len(contents) for contents in shards.values())
     if not total:
-        return _RankReport(launch.rank, str(device), 0, 0.0, 0.0, None)
+        return RankReport(launch.rank, str(device), 0, 0.0, 0.0, None)
     quiet = options.quiet or not launch.is_main
     precision = str(decision.attrs["precision"])
     backbone = load_backbone(spec, options.weights, device, precision)
@@ -147,8 +110,7 @@ def _encode_shard(
     log(f"backbone {spec.backbone_id}{weights_note} on {device}, {describe_precision(precision, device)}; ViT trunk {trunk}", quiet)
     workers = default_workers() if options.workers is None else options.workers
     label = "extract" if not launch.distributed else f"extract ({launch})"
-    sealed: list[tuple[SegmentRecord, list[str]]] = []
-    writer = _rank_writer(store, decision.key, spec, launch, sealed, held)
+    writer = rank_writer(store, decision.key, spec, launch, sealed, held)
     with progress(quiet) as bar, writer, stop_between_batches(launch) as check_stop:
         throughput = Throughput(bar, bar.add_task(label, total=total, rate=""), time.perf_counter())
 
@@ -158,41 +120,15 @@ def _encode_shard(
 
         for contents in shards.values():
             encode_into_store(writer, [needed[c] for c in contents], contents, backbone, options.batch_size, workers, on_batch)
-    return _RankReport(
+    return RankReport(
         launch.rank,
         str(device),
         total,
         time.perf_counter() - started,
         time.process_time() - cpu_started,
         backbone.trunk_shared,
-        tuple(sealed),
+        len(sealed),
     )
-
-
-def _rank_writer(
-    store: FeatureStore,
-    key: BackboneKey,
-    spec: BackboneSpec,
-    launch: Launch,
-    sealed: list[tuple[SegmentRecord, list[str]]],
-    held: contextlib.ExitStack,
-) -> StoreWriter:
-    """This rank's own store writer. Ranks on rank 0's node index their sealed segments themselves
-    (SQLite WAL: concurrent writers on one host); a rank on another node never opens the index (WAL
-    needs every connection on one host) and appends its sealed segments to `sealed` for rank 0,
-    keeping their locks (`held`) until rank 0 has indexed them and the run ends."""
-    shapes = feature_shapes(spec)
-    field_shapes = {name: shapes.of(name) for name in FEATURE_FIELDS}
-    if launch.node == 0:
-        return store.writer(key, field_shapes)
-
-    def hand_to_rank_0(record: SegmentRecord, contents: list[str]) -> int:
-        sealed.append((record, contents))
-        return 0
-
-    writer = StoreWriter(store, key, field_shapes, commit=hand_to_rank_0)
-    held.callback(writer.release_handed_over)
-    return writer
 
 
 def run_extract(options: ExtractOptions) -> Path:
@@ -212,7 +148,7 @@ def run_extract(options: ExtractOptions) -> Path:
         # Resolved for rank 0's device (auto: bf16 where it is fast); every rank then runs in it.
         precision = group.from_main(options.resolved_precision)
         attrs = file_attrs(options, dataset, spec, splits["train"], precision)
-        contents = _sharded_content_keys(group, splits, options.batch_size)
+        contents = sharded_content_keys(group, splits, options.batch_size)
         attrs["content_sha256"] = content_digest(splits, contents)
         run_dir = Path(options.output) if options.output is not None else default_run_dir(dataset.root, options.shots)
         final = run_dir / FEATURES_FILE
@@ -226,10 +162,19 @@ def run_extract(options: ExtractOptions) -> Path:
             if decision.current:
                 return run_dir
             assert decision.key is not None
-            report = group.collectively(
-                lambda: _encode_shard(store, decision, needed, spec, options, launch, device, held)
-            )
-            reports = group.gather(report)
+            sealed: list[HandedOver] = []
+            report: RankReport | None = None
+            failure: str | None = None
+            try:
+                report = _encode_shard(store, decision, needed, spec, options, launch, device, held, sealed)
+            except IipadError as error:
+                failure = str(error)
+            outcomes = group.gather((report, sealed, failure))
+            # Rank 0 indexes the segments of ranks on other nodes also when a rank failed, so that
+            # rerunning the command encodes only what is still missing; then every rank raises.
+            group.collectively(lambda: index_handed_over(store, [s for _, s, _ in outcomes]) if launch.is_main else None)
+            group.raise_first([f for _, _, f in outcomes])
+            reports = [r for r, _, _ in outcomes if r is not None]
             if decision.missing:
                 seconds = max(r.seconds for r in reports)
                 rate = len(decision.missing) / seconds if seconds > 0 else 0.0
@@ -302,7 +247,7 @@ def _write_run(
     contents: dict[str, list[str]],
     spec: BackboneSpec,
     dataset: Dataset,
-    reports: Sequence[_RankReport],
+    reports: Sequence[RankReport],
     options: ExtractOptions,
     run_dir: Path,
     started: float,
@@ -311,9 +256,6 @@ def _write_run(
     """Rank 0, after every rank's writer is sealed: features.h5 (atomically) and the manifest."""
     assert decision.key is not None
     final = run_dir / FEATURES_FILE
-    for report in reports:
-        for record, segment_contents in report.sealed:
-            store.index.commit_segment(record, segment_contents)
     locations = store.lookup(decision.key, needed)
     lost = [needed[content].path for content in needed if content not in locations]
     if lost:
