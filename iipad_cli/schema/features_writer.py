@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 
 from iipad_cli.schema.features import FEATURE_FIELDS, JSON_ATTRS, SPLITS, STRING_FIELDS
+from iipad_cli.store.writer import slab_chunks
 from iipad_cli.writes import HDF5_MARGIN_BYTES, abandoned, hdf5_writes, reporting_write_errors, require_space
 
 # Rows copied from the store per read when a self-contained file is written.
@@ -37,6 +38,10 @@ class FeatureShapes:
     def of(self, name: str) -> tuple[int, ...]:
         return tuple(getattr(self, name))
 
+    def by_field(self) -> dict[str, tuple[int, ...]]:
+        """{field: per-image shape} of every stored feature, as the feature store takes them."""
+        return {name: self.of(name) for name in FEATURE_FIELDS}
+
 
 def _encode_attr(key: str, value: Any) -> Any:
     if key in JSON_ATTRS:
@@ -44,13 +49,6 @@ def _encode_attr(key: str, value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return np.asarray(value, dtype=np.int64)
     return value
-
-
-def _chunk(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """One image, and one layer where the per-image shape has a layer axis (L, P, width)."""
-    if len(shape) == 3:
-        return (1, 1, *shape[1:])
-    return (1, *shape)
 
 
 class FeaturesWriter:
@@ -105,7 +103,7 @@ class FeaturesWriter:
         for name in FEATURE_FIELDS:
             shape = shapes.of(name)
             group.create_dataset(
-                name, shape=(0, *shape), maxshape=(None, *shape), dtype=np.float16, chunks=_chunk(shape)
+                name, shape=(0, *shape), maxshape=(None, *shape), dtype=np.float16, chunks=slab_chunks(shape)
             )
 
     def rows_written(self, split: str) -> int:
@@ -216,7 +214,7 @@ def write_features_file(
                 if copy_rows is None and rows:
                     _virtual_dataset(group, name, shape, rows)
                     continue
-                dataset = group.create_dataset(name, shape=(len(rows), *shape), dtype=np.float16, chunks=_chunk(shape) if rows else None)
+                dataset = group.create_dataset(name, shape=(len(rows), *shape), dtype=np.float16, chunks=slab_chunks(shape) if rows else None)
                 for start in range(0, len(rows), COPY_ROWS):
                     assert copy_rows is not None
                     dataset[start : start + COPY_ROWS] = copy_rows(rows[start : start + COPY_ROWS], name)

@@ -28,6 +28,7 @@ from iipad_cli.models.backbone import Backbone
 from iipad_cli.schema.features import FEATURE_FIELDS
 from iipad_cli.schema.features_writer import FeatureShapes
 from iipad_cli.store import BackboneKey, StoreWriter
+from iipad_cli.store.writer import row_bytes
 
 # Longest wait for one batch from the decoding workers before giving up (a batch takes well under
 # a second to decode; a worker whose hand-over failed would otherwise be waited for forever).
@@ -134,8 +135,7 @@ def feature_shapes(spec: BackboneSpec) -> FeatureShapes:
 
 def bytes_per_image(shapes: FeatureShapes, resolution: int) -> int:
     """fp16 features + the test mask + room for the strings and the chunk index, per image."""
-    features = sum(2 * int(np.prod(shapes.of(name))) for name in FEATURE_FIELDS)
-    return features + resolution * resolution + 1024
+    return row_bytes(shapes.by_field()) + resolution * resolution + 1024
 
 
 def _check_finite(features: dict[str, np.ndarray], samples: Sequence[Sample]) -> None:

@@ -40,7 +40,7 @@ from iipad_cli.errors import IipadError
 from iipad_cli.models.registry import get_spec
 from iipad_cli.pipeline.extract import ExtractOptions, content_digest, default_run_dir, default_workers, listing_digest
 from iipad_cli.runlock import run_lock
-from iipad_cli.schema.features import FEATURE_FIELDS, SPLITS
+from iipad_cli.schema.features import SPLITS
 from iipad_cli.schema.features_writer import write_features_file
 from iipad_cli.stages.encoding import Throughput, backbone_key, bytes_per_image, encode_into_store, feature_shapes
 from iipad_cli.stages.extract_ranks import HandedOver, RankReport, index_handed_over, rank_writer, sharded_content_keys
@@ -231,7 +231,7 @@ def _decide(
         # The new segments must fit beside the store's index.
         require_space(store.index.path, len(missing) * bytes_per_image(shapes, 0) + HDF5_MARGIN_BYTES)
         # Before any rank seals a segment: rank 0 may index other nodes' segments for this key.
-        store.index.ensure_backbone(key.digest, key.to_json(), {name: shapes.of(name) for name in FEATURE_FIELDS})
+        store.index.ensure_backbone(key.digest, key.to_json(), shapes.by_field())
     if options.copy:  # the self-contained file must fit too
         rows = sum(len(samples) for samples in splits.values())
         require_space(final, rows * bytes_per_image(shapes, options.resolution) + HDF5_MARGIN_BYTES)

@@ -15,7 +15,7 @@ from iipad_cli.config import BackboneSpec
 from iipad_cli.data.layouts import Sample
 from iipad_cli.distributed import Group, Launch, shard_range
 from iipad_cli.pipeline.extract import content_keys
-from iipad_cli.schema.features import FEATURE_FIELDS, SPLITS
+from iipad_cli.schema.features import SPLITS
 from iipad_cli.stages.encoding import feature_shapes
 from iipad_cli.store import BackboneKey, FeatureStore, StoreWriter
 from iipad_cli.store.index import SegmentRecord
@@ -72,17 +72,14 @@ def rank_writer(
     """This rank's own store writer. Ranks on rank 0's node index their sealed segments themselves
     (SQLite WAL: concurrent writers on one host); a rank on another node never opens the index (WAL
     needs every connection on one host) and appends its sealed segments to `sealed` for rank 0,
-    keeping their locks (`held`) until rank 0 has indexed them and the run ends."""
-    shapes = feature_shapes(spec)
-    field_shapes = {name: shapes.of(name) for name in FEATURE_FIELDS}
-    if launch.node == 0:
-        return store.writer(key, field_shapes)
+    keeping their locks (`held`) until rank 0 has indexed them and the run ends. Rank 0 registered
+    the backbone key in the index before any rank encodes (`_decide`)."""
 
     def hand_to_rank_0(record: SegmentRecord, contents: list[str]) -> int:
         sealed.append((record, contents))
         return 0
 
-    writer = StoreWriter(store, key, field_shapes, commit=hand_to_rank_0)
+    writer = StoreWriter(store, key, feature_shapes(spec).by_field(), commit=None if launch.node == 0 else hand_to_rank_0)
     held.callback(writer.release_handed_over)
     return writer
 

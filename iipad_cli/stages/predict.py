@@ -52,7 +52,7 @@ from iipad_cli.errors import IipadError
 from iipad_cli.pipeline.predict import PredictOptions
 from iipad_cli.pipeline.score import DEFAULT_SIGMA
 from iipad_cli.reporting.inputs import upsample
-from iipad_cli.schema.features import FEATURE_FIELDS, features_precision
+from iipad_cli.schema.features import features_precision
 from iipad_cli.schema.scores import read_scores_attrs
 from iipad_cli.schema.thresholds import THRESHOLDS_FILE, Thresholds, load_thresholds
 from iipad_cli.stages._scoring import (
@@ -188,7 +188,7 @@ def _predict_shard(
     from_store = 0
     with (
         store,
-        store.writer(key, {n: feature_shapes(spec).of(n) for n in FEATURE_FIELDS}) if adds else contextlib.nullcontext() as features_writer,
+        store.writer(key, feature_shapes(spec).by_field()) if adds else contextlib.nullcontext() as features_writer,
         atomic_path(part) as tmp,
         tmp.open("w", newline="") as handle,
         progress(quiet) as bar,

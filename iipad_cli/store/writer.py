@@ -45,8 +45,17 @@ SEAL_SECONDS_ENV = "IIPAD_STORE_SEAL_SECONDS"
 DEFAULT_SEAL_SECONDS = 60.0
 
 
-def _bytes_per_row(shapes: Mapping[str, tuple[int, ...]]) -> int:
+def row_bytes(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """The fp16 bytes of one image's features (`shapes`: per field, without the leading N)."""
     return sum(2 * int(np.prod(shape)) for shape in shapes.values())
+
+
+def slab_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """HDF5 chunks of one image, and one layer where the per-image shape has a layer axis
+    (L, P, width): the store's segments and a self-contained features.h5 share this layout."""
+    if len(shape) == 3:
+        return (1, 1, *shape[1:])
+    return (1, *shape)
 
 
 def try_lock(path: Path, wait: bool = False) -> int | None:
@@ -94,7 +103,7 @@ class StoreWriter:
         self._commit = commit
         self.key = key
         self.shapes = shapes
-        self.rows_per_segment = max(1, segment_bytes // _bytes_per_row(shapes))
+        self.rows_per_segment = max(1, segment_bytes // row_bytes(shapes))
         self.seal_seconds = float(os.environ.get(SEAL_SECONDS_ENV, DEFAULT_SEAL_SECONDS))
         self._opened = 0.0
         self.new_images = 0  # contents this writer indexed first
@@ -121,8 +130,7 @@ class StoreWriter:
         handle.attrs["backbone_key"] = self.key.digest
         handle.create_dataset(CONTENT_FIELD, shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(256,))
         for name, shape in self.shapes.items():
-            chunks = (1, 1, *shape[1:]) if len(shape) == 3 else (1, *shape)
-            handle.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=np.float16, chunks=chunks)
+            handle.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=np.float16, chunks=slab_chunks(shape))
         # Held for the segment's life: h5py objects freed after a failed write crash the interpreter.
         self._datasets = {name: handle[name] for name in (CONTENT_FIELD, *self.shapes)}
         self._contents = []
