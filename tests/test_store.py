@@ -102,6 +102,27 @@ def test_write_lookup_read_and_only_sealed_rows_are_indexed(tmp_path: Path) -> N
     assert report.ok and report.rows_checked == 7
 
 
+def test_segments_are_hashed_once_by_the_process_that_seals_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer hashes a segment when it seals it; checking it through the same store does not
+    read its bytes again, while another store object (another process) hashes each segment once."""
+    import iipad_cli.digests as digests
+
+    store = FeatureStore(tmp_path / "cache")
+    contents = [content(i) for i in range(5)]
+    write(store, contents, segment_bytes=2 * 2 * (2 * 4 + 2 * 3 * 4))  # 2 rows per segment: 3 segments
+    read: list[Path] = []
+    original = digests.read_digest
+    monkeypatch.setattr(digests, "read_digest", lambda path: read.append(Path(path)) or original(path))
+    digests.clear_memory()
+    found = store.lookup(KEY, contents)
+    store.check_segments(found.values())
+    assert read == []
+    other = FeatureStore(store.root)
+    other.check_segments(other.lookup(KEY, contents).values())
+    other.check_segments(other.lookup(KEY, contents).values())
+    assert sorted(read) == sorted({location.file for location in found.values()}) and len(read) == 3
+
+
 def test_info_and_clear(tmp_path: Path) -> None:
     store = FeatureStore(tmp_path / "cache")
     write(store, [content(i) for i in range(4)])

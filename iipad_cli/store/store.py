@@ -136,16 +136,19 @@ class FeatureStore:
         Each segment's file is hashed against the sha256 recorded when it was sealed, once per
         FeatureStore object, so a damaged segment never yields a wrong feature.
         """
-        segments = {location.segment_id: location.file for location in locations}
+        segments = {location.segment_id: location.file for location in locations if location.segment_id not in self._verified}
         records = {record.id: record for record in self.index.segments()} if segments else {}
         for segment_id, path in sorted(segments.items()):
-            if segment_id in self._verified:
-                continue
             record = records.get(segment_id)
             problem = self._segment_problem(path, record) if record else "no longer indexed"
             if problem:
                 raise IipadError(f"{path}: feature store segment {problem}; {way_out(self.root)}")
             self._verified.add(segment_id)
+
+    def sealed_here(self, segment_id: str) -> None:
+        """A segment this process sealed, hashed and indexed through this store: `check_segments`
+        need not read its bytes again."""
+        self._verified.add(segment_id)
 
     @staticmethod
     def _segment_problem(path: Path, record: SegmentRecord, reread: bool = False) -> str | None:

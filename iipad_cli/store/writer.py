@@ -217,7 +217,9 @@ class StoreWriter:
             fsync_dir(final.parent)
             commit = self._commit if self._commit is not None else self.store.index.commit_segment
             self.new_images += commit(record, list(self._contents))
-            if self._commit is not None:
+            if self._commit is None:
+                self.store.sealed_here(record.id)
+            else:
                 # Indexed later, by whoever received the record: until then the lock tells
                 # `verify --repair` that the sealed file belongs to a live writer.
                 self.handed_over.append((self._lock_fd, lock))
