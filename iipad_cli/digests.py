@@ -41,11 +41,16 @@ class _Entry:
 
 
 _memory: dict[str, _Entry] = {}
+# digests.json as this process last read or wrote it: parsed once, not on every miss (a store of
+# 10^4 segments would otherwise parse it 10^4 times while checking them).
+_persisted: dict[str, dict] | None = None
 
 
 def clear_memory() -> None:
     """Forget the in-process digests (tests use it to count reads from a cold start)."""
+    global _persisted
     _memory.clear()
+    _persisted = None
 
 
 def _cache_path() -> Path:
@@ -62,11 +67,22 @@ def _load_persisted() -> dict[str, dict]:
     return data if isinstance(data, dict) else {}
 
 
+def _persisted_entries() -> dict[str, dict]:
+    global _persisted
+    if _persisted is None:
+        _persisted = _load_persisted()
+    return _persisted
+
+
 def _persist(name: str, entry: _Entry) -> None:
-    """Add one entry to digests.json (atomic replace); a read-only cache only costs re-reading."""
+    """Add one entry to digests.json (atomic replace); a read-only cache only costs re-reading.
+
+    Read again first, so that entries other processes added meanwhile are kept."""
+    global _persisted
     path = _cache_path()
     data = _load_persisted()
     data[name] = asdict(entry)
+    _persisted = data
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +111,7 @@ def sha256_file(path: Path) -> str:
         return cached.sha256
     persist = stat.st_size >= PERSIST_MIN_BYTES
     if persist:
-        stored = _load_persisted().get(name)
+        stored = _persisted_entries().get(name)
         try:
             entry = _Entry(**stored) if isinstance(stored, dict) else None
         except TypeError:

@@ -89,3 +89,22 @@ def test_big_files_are_remembered_across_processes(tmp_path: Path, reads: Counte
     digests.sha256_file(small)
     assert reads[str(big.resolve())] == 1
     assert reads[str(small.resolve())] == 2
+
+
+def test_digests_json_is_parsed_once_per_process(tmp_path: Path, reads: Counter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checking many big files (a store's segments) parses digests.json once, not once per file."""
+    monkeypatch.setenv("IIPAD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(digests, "PERSIST_MIN_BYTES", 1000)
+    files = [tmp_path / f"{index}.bin" for index in range(5)]
+    for index, path in enumerate(files):
+        path.write_bytes(bytes([index]) * 2000)
+        _backdate(path)
+        digests.sha256_file(path)
+    digests.clear_memory()  # a new process: every digest is in digests.json only
+    parsed: list[int] = []
+    original = digests._load_persisted
+    monkeypatch.setattr(digests, "_load_persisted", lambda: parsed.append(1) or original())
+    for index, path in enumerate(files):
+        assert digests.sha256_file(path) == hashlib.sha256(bytes([index]) * 2000).hexdigest()
+    assert len(parsed) == 1
+    assert all(reads[str(path.resolve())] == 1 for path in files)
