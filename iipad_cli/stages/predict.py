@@ -99,22 +99,15 @@ class PredictResult:
     rank: int = 0
 
 
-def _defaults(models: RunModels, options: PredictOptions) -> tuple[int, float]:
-    """top-k and σ: explicit, else the ones the run's scores.h5 was made with, else K and 4."""
+def _defaults(models: RunModels, options: PredictOptions) -> tuple[int, float, tuple[float, float] | None]:
+    """top-k and σ: explicit, else the ones the run's scores.h5 was made with, else K and 4; and
+    the run's map range (the scale of its test heatmaps, so overlays compare with them)."""
     scores_path = models.run_dir / SCORES_FILE
     stored = read_scores_attrs(scores_path) if scores_path.is_file() else {}
     top_k = options.top_k if options.top_k is not None else int(stored.get("top_k", models.features_attrs["shots"]))
     sigma = options.sigma if options.sigma is not None else float(stored.get("sigma", DEFAULT_SIGMA))
-    return top_k, sigma
-
-
-def _scale(models: RunModels) -> tuple[float, float] | None:
-    """The run's map range (the scale of its test heatmaps), so overlays compare with them."""
-    scores_path = models.run_dir / SCORES_FILE
-    if not scores_path.is_file():
-        return None
-    attrs = read_scores_attrs(scores_path)
-    return float(attrs["map_min"]), float(attrs["map_max"])
+    scale = (float(stored["map_min"]), float(stored["map_max"])) if stored else None
+    return top_k, sigma, scale
 
 
 def run_thresholds(
@@ -166,12 +159,11 @@ def _predict_shard(
         options.force,
     )
     assert models.banks is not None
-    top_k, sigma = _defaults(models, options)
+    top_k, sigma, scale = _defaults(models, options)
     check_top_k(top_k, len(models.banks))
     attrs = models.features_attrs
     spec = models.backbone.spec
     resolution = int(attrs["resolution"])
-    scale = _scale(models)
     thresholds = run_thresholds(models, options, top_k, sigma, resolution, quiet)
     note = RANDOM_NOTE if bool(attrs.get("random_weights", False)) else ""
     labels_count = {ANOMALOUS: 0, NORMAL: 0}
