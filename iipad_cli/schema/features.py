@@ -78,13 +78,14 @@ def _open(path: Path) -> h5py.File:
 
 def missing_sources(handle: h5py.File) -> list[str]:
     """Store segments that the virtual feature datasets of an open features file point to but are gone."""
-    missing: set[str] = set()
+    sources: set[str] = set()
     for split in SPLITS:
         for name in FEATURE_FIELDS:
             dataset = handle.get(f"{split}/{name}")
             if dataset is not None and dataset.is_virtual:
-                missing.update(source.file_name for source in dataset.virtual_sources() if not Path(source.file_name).is_file())
-    return sorted(missing)
+                sources.update(source.file_name for source in dataset.virtual_sources())
+    # Each segment file once: every field of every run of rows maps into the same few files.
+    return sorted(name for name in sources if not Path(name).is_file())
 
 
 def open_features(path: Path) -> h5py.File:
