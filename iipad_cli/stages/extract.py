@@ -140,14 +140,14 @@ def run_extract(options: ExtractOptions) -> Path:
     quiet = options.quiet or not launch.is_main
     with process_group(launch, device) as group:
         dataset, spec, splits = group.collectively(lambda: _listing(options))
-        listings = set(group.gather(listing_digest(dataset)))
-        if len(listings) > 1:
+        listing = listing_digest(dataset)
+        if len(set(group.gather(listing))) > 1:
             raise IipadError(
                 f"{options.data}: the ranks list different images (files changing, or not the same path on every node)"
             )
         # Resolved for rank 0's device (auto: bf16 where it is fast); every rank then runs in it.
         precision = group.from_main(options.resolved_precision)
-        attrs = file_attrs(options, dataset, spec, splits["train"], precision)
+        attrs = file_attrs(options, dataset, spec, splits["train"], precision, listing)
         contents = sharded_content_keys(group, splits, options.batch_size)
         attrs["content_sha256"] = content_digest(splits, contents)
         run_dir = Path(options.output) if options.output is not None else default_run_dir(dataset.root, options.shots)

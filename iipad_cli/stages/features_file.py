@@ -20,7 +20,7 @@ from iipad_cli.data.images import MASK_THRESHOLD, load_mask, oriented_size
 from iipad_cli.data.layouts import Dataset, Sample
 from iipad_cli.data.shots import shot_files
 from iipad_cli.errors import IipadError
-from iipad_cli.pipeline.extract import ExtractOptions, listing_digest
+from iipad_cli.pipeline.extract import ExtractOptions
 from iipad_cli.schema.features import ATTR_DEFAULTS, differing_attrs, missing_sources, read_attrs, read_split
 
 
@@ -38,9 +38,10 @@ def weights_attrs(spec: BackboneSpec, weights_dir: Path | None) -> dict[str, Any
 
 
 def file_attrs(
-    options: ExtractOptions, dataset: Dataset, spec: BackboneSpec, shots: Sequence[Sample], precision: str
+    options: ExtractOptions, dataset: Dataset, spec: BackboneSpec, shots: Sequence[Sample], precision: str, samples_sha256: str
 ) -> dict[str, Any]:
-    """Root attributes of the features file, except the weight hashes (`weights_attrs`)."""
+    """Root attributes of the features file, except the weight hashes (`weights_attrs`);
+    `samples_sha256` is the data set's `listing_digest`, which the caller has computed already."""
     files = {cls: [asdict(f) for f in entries] for cls, entries in shot_files(shots).items()}
     return {
         "schema_version": SCHEMA_VERSION,
@@ -60,7 +61,7 @@ def file_attrs(
         "layout": dataset.layout,
         "classes": list(dataset.classes),
         "shots_files": files,
-        "samples_sha256": listing_digest(dataset),
+        "samples_sha256": samples_sha256,
         "num_train": len(shots),
         "num_test": len(dataset.test),
         "preprocessing": {
