@@ -68,6 +68,12 @@ def load_rgb(path: Path) -> Image.Image:
     return to_rgb(_open(path, "image"))
 
 
+def resized_image(path: Path, resolution: int) -> np.ndarray:
+    """The image as the model saw it (squashed to a square, bicubic) at the map's resolution, as
+    the heatmaps and overlays show it."""
+    return np.asarray(load_rgb(path).resize((resolution, resolution), Image.Resampling.BICUBIC))
+
+
 def normalise(image: Image.Image, image_size: int) -> torch.Tensor:
     """(3, S, S) float32: bicubic squash, /255, (x - mean) / std, as torchvision's ToTensor + Normalize."""
     # Imported here: reading images and masks (metrics --resolution native, report) needs no torch.

@@ -22,7 +22,7 @@ COMPARED = ("shots", "backbone", "weights", "preset", "precision", "data")
 
 def run_identity(run_dir: Path) -> dict[str, Any]:
     """The fields of COMPARED for one run, from the attributes of its features and scores files."""
-    from iipad_cli.schema.features import load_features_attrs
+    from iipad_cli.schema.features import features_precision, load_features_attrs
     from iipad_cli.schema.scores import read_scores_attrs
 
     scores = read_scores_attrs(require_file(Path(run_dir) / SCORES_FILE, "score"))
@@ -37,8 +37,7 @@ def run_identity(run_dir: Path) -> dict[str, Any]:
         "backbone": features.get("backbone_id"),
         "weights": features.get("weights_sha256"),
         "preset": preset,
-        # Runs from before precision was recorded were computed in fp32.
-        "precision": features.get("precision", "fp32"),
+        "precision": features_precision(features),
         "data": {
             "root": features.get("data_root"),
             "classes": features.get("classes"),

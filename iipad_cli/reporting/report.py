@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from iipad_cli import __version__, metrics
 from iipad_cli.artifacts import FEATURES_FILE, SCORES_FILE, write_text_atomic
+from iipad_cli.data.images import resized_image
 from iipad_cli.errors import IipadError
 from iipad_cli.reporting import page
 from iipad_cli.reporting.columns import CAPTION
@@ -30,6 +30,7 @@ from iipad_cli.reporting.inputs import load_run, run_info
 from iipad_cli.reporting.render import table_cells
 from iipad_cli.reporting.report_options import ReportOptions
 from iipad_cli.schema.thresholds import THRESHOLDS_FILE, Thresholds, load_thresholds
+from iipad_cli.thresholds import image_label
 from iipad_cli.ui import log
 from iipad_cli.viz import heatmap_figure
 
@@ -115,13 +116,6 @@ def _histogram(run: _Run, data: ClassData) -> page.Histogram:
     return page.Histogram(run.label, scores[labels == 0], scores[labels == 1], tuple(markers))
 
 
-def _resized_image(path: Path, resolution: int) -> np.ndarray:
-    """The image as the model saw it (squashed to a square, bicubic), as the heatmaps show it."""
-    from iipad_cli.data.images import load_rgb
-
-    return np.asarray(load_rgb(path).resize((resolution, resolution), Image.Resampling.BICUBIC))
-
-
 def _gallery(run: _Run, count: int) -> dict[str, list[page.GalleryItem]]:
     """Per class: the `count` lowest-scored anomalous and `count` highest-scored normal images."""
     if count == 0:
@@ -151,7 +145,7 @@ def _gallery(run: _Run, count: int) -> dict[str, list[page.GalleryItem]]:
                 verdict = _verdict(run.label_free, int(scores.retrieved[row, 0]), float(image_scores[row]))
                 rel_path = scores.path[row]
                 try:
-                    image = _resized_image(root / rel_path, resolution)
+                    image = resized_image(root / rel_path, resolution)
                 except IipadError as error:
                     items.append(page.GalleryItem(kind, rel_path, float(image_scores[row]), verdict, None, f"no heatmap: {error}"))
                     continue
@@ -171,7 +165,7 @@ def _verdict(label_free: Thresholds | None, retrieved_top1: int, score: float) -
     if label_free is None:
         return ""
     levels = label_free.levels(retrieved_top1)
-    judged = "anomalous" if score > levels.image else "normal"
+    judged = image_label(score, levels.image)
     return f"judged {judged} by the label-free threshold {levels.image:.4g} of category {levels.category}"
 
 

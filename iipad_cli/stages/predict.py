@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from iipad_cli.artifacts import SCORES_FILE, atomic_path
-from iipad_cli.data.images import preprocess_image
+from iipad_cli.data.images import preprocess_image, resized_image
 from iipad_cli.distributed import (
     Launch,
     launch_from_env,
@@ -74,7 +74,7 @@ from iipad_cli.stages.predict_files import (
     part_path,
     write_mask_png,
 )
-from iipad_cli.stages.score import RANDOM_NOTE, resized_image
+from iipad_cli.stages.score import RANDOM_NOTE
 from iipad_cli.stages.stored_features import batch_features, store_key
 from iipad_cli.store import FeatureStore, content_sha256, resolve_cache_dir
 from iipad_cli.thresholds import (

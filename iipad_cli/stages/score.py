@@ -20,7 +20,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from PIL import Image
 
 from iipad_cli.artifacts import (
     BANKS_FILE,
@@ -31,7 +30,7 @@ from iipad_cli.artifacts import (
     record_stage,
     sha256_file,
 )
-from iipad_cli.data.images import load_rgb
+from iipad_cli.data.images import resized_image
 from iipad_cli.devices import resolve_device
 from iipad_cli.errors import IipadError
 from iipad_cli.pipeline.score import ScoreOptions
@@ -54,11 +53,6 @@ from iipad_cli.viz import heatmap_figure, save_png
 from iipad_cli.writes import writable_directory
 
 RANDOM_NOTE = " (random weights)"
-
-
-def resized_image(path: Path, resolution: int) -> np.ndarray:
-    """The image as the model saw it (squashed to a square, bicubic) at the map's resolution."""
-    return np.asarray(load_rgb(path).resize((resolution, resolution), Image.Resampling.BICUBIC))
 
 
 def score_run(run_dir: Path, options: ScoreOptions) -> Path:
