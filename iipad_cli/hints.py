@@ -29,7 +29,8 @@ def _recorded_extract(run_dir: Path) -> dict[str, Any] | None:
     from iipad_cli.schema.features import read_attrs
 
     try:
-        attrs = read_attrs(run_dir / FEATURES_FILE)
+        # Without a hint of its own: building it would come back here (an unreadable file).
+        attrs = read_attrs(run_dir / FEATURES_FILE, hint=False)
     except (IipadError, OSError, KeyError):
         return None
     return {

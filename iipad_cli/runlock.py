@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iipad_cli.errors import IipadError
+from iipad_cli.hints import extract_command
 from iipad_cli.writes import check_writable, reporting_write_errors
 
 LOCK_FILE = ".iipad.lock"
@@ -64,7 +65,7 @@ def run_lock(run_dir: Path, command: str, *, create: bool = True) -> Iterator[Pa
     """
     run_dir = Path(run_dir)
     if not create and not run_dir.is_dir():
-        raise IipadError(f"{run_dir}: no such run directory; make it with `iipad extract DATA --shots K -o {run_dir}`")
+        raise IipadError(f"{run_dir}: no such run directory; make it with {extract_command(run_dir, force=False)}")
     with reporting_write_errors(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
     key = run_dir.resolve()

@@ -754,6 +754,19 @@ def test_truncated_features_hint_rebuilds_them(complete_run: Path, tmp_path: Pat
     assert load_features_attrs(path)["complete"]
 
 
+def test_unreadable_features_without_a_manifest_is_one_line(complete_run: Path, tmp_path: Path) -> None:
+    """The hint falls back to the features file's attributes when the manifest is gone; with the
+    file unreadable too, building the hint used to recurse until Python gave up."""
+    run_dir = _copy(complete_run, tmp_path / "run")
+    (run_dir / "manifest.json").unlink()
+    path = run_dir / FEATURES_FILE
+    os.truncate(path, path.stat().st_size // 2)
+    code, _out, err = _invoke("train", str(run_dir), "--quiet", "--device", "cpu")
+    line = _one_error_line(err)
+    assert code == 1 and "not a readable features file" in line
+    assert f"`iipad extract DATA --shots K -o {run_dir} --force`" in line
+
+
 def test_a_changed_file_list_is_named_and_force_extracts_again(data: Path, tmp_path: Path) -> None:
     copy = tmp_path / "data"
     shutil.copytree(data, copy)

@@ -66,13 +66,15 @@ def _decode_attr(key: str, value: Any) -> Any:
     return value
 
 
-def _open(path: Path) -> h5py.File:
+def _open(path: Path, hint: bool = True) -> h5py.File:
+    """The file opened for reading; an unreadable features.h5 is one line with the extract command
+    that rebuilds it (`hint`; off for the hint's own look at the file's attributes)."""
     try:
         return h5py.File(path, "r")
     except OSError as error:
         from iipad_cli.hints import extract_command
 
-        fix = f"; rebuild it with {extract_command(path.parent, force=True)}" if path.name == FEATURES_FILE else ""
+        fix = f"; rebuild it with {extract_command(path.parent, force=True)}" if hint and path.name == FEATURES_FILE else ""
         raise IipadError(f"{path}: not a readable features file ({str(error).splitlines()[0]}){fix}") from None
 
 
@@ -102,9 +104,9 @@ def open_features(path: Path) -> h5py.File:
     return handle
 
 
-def read_attrs(path: Path) -> dict[str, Any]:
-    """Root attributes with JSON values decoded and integer arrays as lists."""
-    with _open(Path(path)) as handle:
+def read_attrs(path: Path, hint: bool = True) -> dict[str, Any]:
+    """Root attributes with JSON values decoded and integer arrays as lists (`hint`: see `_open`)."""
+    with _open(Path(path), hint) as handle:
         return {key: _decode_attr(key, value) for key, value in handle.attrs.items()}
 
 
