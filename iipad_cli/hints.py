@@ -42,6 +42,8 @@ def _recorded_extract(run_dir: Path) -> dict[str, Any] | None:
         "shot_policy": attrs.get("shot_policy"),
         "seed": attrs.get("seed"),
         "resolution": attrs.get("resolution"),
+        "precision": attrs.get("precision"),
+        "copy": not bool(attrs.get("virtual", True)),
     }
 
 
@@ -66,10 +68,15 @@ def extract_command(run_dir: Path, *, force: bool) -> str:
             ("--shot-policy", recorded.get("shot_policy")),
             ("--seed", recorded.get("seed")),
             ("--resolution", recorded.get("resolution")),
+            # The features depend on the precision; the store and --copy decide where they go.
+            ("--precision", recorded.get("precision")),
+            ("--cache", recorded.get("cache")),
         )
         for flag, value in flags:
             if value is not None:
-                parts += [flag, shell_path(value) if flag == "--weights" else shlex.quote(str(value))]
+                parts += [flag, shell_path(value) if flag in ("--weights", "--cache") else shlex.quote(str(value))]
+        if recorded.get("copy"):
+            parts.append("--copy")
         parts += ["-o", shell_path(run_dir)]
         line = " ".join(parts)
     return f"`{line}{' --force' if force else ''}`"

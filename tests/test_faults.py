@@ -725,7 +725,10 @@ def test_nan_features_hint_rebuilds_them(complete_run: Path, tmp_path: Path) -> 
     code, _out, err = _invoke("train", str(run_dir), "--force", "--epochs", "1", "--quiet", "--device", "cpu")
     line = _one_error_line(err)
     assert code == 1 and "NaN" in line and "--force`" in line
+    # As the run was made: its precision, and a self-contained file (--copy) again.
+    assert "--precision fp32" in line and "--copy" in line
     _follow(line)
+    assert not load_features_attrs(run_dir / FEATURES_FILE)["virtual"]
     code, _out, err = _invoke("train", str(run_dir), "--force", "--epochs", "1", "--quiet", "--device", "cpu")
     assert code == 0, err
 
