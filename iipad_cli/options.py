@@ -49,6 +49,8 @@ Shots = Annotated[int, typer.Option("--shots", "-k", help="Normal training image
 BatchSize = Annotated[int, typer.Option(help="Images per forward pass.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.", metavar=FLAG)]
 Force = Annotated[bool, typer.Option("--force", help="Replace outputs made from other inputs or options.", metavar=FLAG)]
+# `iipad cache info`, `iipad weights check`
+Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of tab-separated lines.", metavar=FLAG)]
 Preset = Annotated[str, typer.Option(help="Method preset: official (released code) or paper (equations).")]
 
 DataArg = Annotated[Path, typer.Argument(help="Data set root (MVTec AD, VisA or Folder layout).", metavar="DATA")]

@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
     @command
     def info_command(
         cache: o.Cache = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tab-separated lines.", metavar=o.FLAG)] = False,
+        as_json: o.Json = False,
     ) -> None:
         """Size, images and backbone keys of the store.
 

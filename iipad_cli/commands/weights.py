@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="Directory with the weight files (default: $IIPAD_WEIGHTS, then the Hugging Face cache).", show_default=False),
         ] = None,
         backbone: o.Backbone = "vit-l-14",
-        as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tab-separated lines.", metavar="")] = False,
+        as_json: o.Json = False,
     ) -> None:
         """List the backbone's weight files and whether trunk sharing applies.
 
