@@ -10,7 +10,6 @@ category's pixel threshold on every pixel of the maps the pixel metrics use (224
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from iipad_cli import metrics
+from iipad_cli.reporting.values import csv_value, mean_row, number
 from iipad_cli.schema.thresholds import THRESHOLDS_FILE, Thresholds, load_thresholds
 from iipad_cli.thresholds import DecisionCounts, decision_counts, pixel_decision_counts, precision_recall_f1
 
@@ -39,16 +38,12 @@ NOTE = (
 )
 
 
-def _number(value: float) -> float | None:
-    return None if math.isnan(value) else float(value)
-
-
 def _ratios(counts: DecisionCounts, prefix: str) -> dict[str, Any]:
     precision, recall, f1 = precision_recall_f1(counts)
     return {
-        f"{prefix}_precision": _number(precision),
-        f"{prefix}_recall": _number(recall),
-        f"{prefix}_f1": _number(f1),
+        f"{prefix}_precision": number(precision),
+        f"{prefix}_recall": number(recall),
+        f"{prefix}_f1": number(f1),
         f"{prefix}_counts": {
             "tp": counts.true_positive,
             "fp": counts.false_positive,
@@ -118,10 +113,7 @@ def threshold_section(
             data.masks,
             [levels[i].pixel for i in usable],
         )
-    mean = {}
-    for key in KEYS:
-        value, covered = metrics.nan_mean([math.nan if c[key] is None else c[key] for c in per_class.values()])
-        mean[key] = {"value": _number(value), "classes": covered, "of": len(per_class)}
+    mean = mean_row(per_class, KEYS)
     return {
         "note": NOTE,
         "thresholds": str(path.resolve()),
@@ -171,14 +163,10 @@ def csv_columns(section: dict[str, Any]) -> tuple[list[str], dict[str, list[str]
     cells: dict[str, list[str]] = {}
     for name, values in [*section["classes"].items(), ("mean", section["mean"])]:
         if multi:
-            cells[name] = [_csv(values[k][s]) for k in KEYS for s in ("mean", "std")]
+            cells[name] = [csv_value(values[k][s]) for k in KEYS for s in ("mean", "std")]
         else:
-            cells[name] = [_csv(values[k]["value"] if name == "mean" else values[k]) for k in KEYS]
+            cells[name] = [csv_value(values[k]["value"] if name == "mean" else values[k]) for k in KEYS]
     return header, cells
-
-
-def _csv(value: float | None) -> str:
-    return "nan" if value is None else repr(float(value))
 
 
 def to_table(section: dict[str, Any]) -> Table:

@@ -5,7 +5,6 @@ it into a table or CSV.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,7 @@ from iipad_cli.errors import IipadError
 from iipad_cli.pipeline.metrics import EvaluateOptions
 from iipad_cli.reporting.columns import IMAGE_AP, IMAGE_AUROC, IMAGE_F1_MAX, LABELS, PIXEL_AP, PIXEL_AUROC, PIXEL_F1_MAX, SCHEMA
 from iipad_cli.reporting.decisions import combine_threshold_sections
+from iipad_cli.reporting.values import mean_row, number
 from iipad_cli.ui import log
 
 
@@ -45,17 +45,13 @@ class ClassData:
     masks: Sequence[np.ndarray] | None
 
 
-def _number(value: float) -> float | None:
-    return None if value is None or math.isnan(value) else float(value)
-
-
 def evaluate_class(data: ClassData, options: EvaluateOptions, warn: Callable[[str], None]) -> dict[str, Any]:
     """The metric values of one class (None = NaN or not available) and its image counts."""
     pro_key = options.metric_keys()[-1]
     values: dict[str, float | None] = {
-        IMAGE_AUROC: _number(metrics.roc_auc(data.labels, data.image_scores)),
-        IMAGE_AP: _number(metrics.average_precision(data.labels, data.image_scores)),
-        IMAGE_F1_MAX: _number(metrics.f1_max(data.labels, data.image_scores).value),
+        IMAGE_AUROC: number(metrics.roc_auc(data.labels, data.image_scores)),
+        IMAGE_AP: number(metrics.average_precision(data.labels, data.image_scores)),
+        IMAGE_F1_MAX: number(metrics.f1_max(data.labels, data.image_scores).value),
         PIXEL_AUROC: None,
         PIXEL_AP: None,
         PIXEL_F1_MAX: None,
@@ -70,13 +66,13 @@ def evaluate_class(data: ClassData, options: EvaluateOptions, warn: Callable[[st
     else:
         # One streamed pass over the maps serves every exact pixel metric (iipad_cli/metrics/pixels.py).
         counts = metrics.pixel_counts(data.maps, data.masks)
-        values[PIXEL_AUROC] = _number(metrics.pixel_auroc_from_counts(counts))
-        values[PIXEL_AP] = _number(metrics.average_precision_from_counts(counts))
-        values[PIXEL_F1_MAX] = _number(metrics.f1_max_from_counts(counts).value)
+        values[PIXEL_AUROC] = number(metrics.pixel_auroc_from_counts(counts))
+        values[PIXEL_AP] = number(metrics.average_precision_from_counts(counts))
+        values[PIXEL_F1_MAX] = number(metrics.f1_max_from_counts(counts).value)
         if options.pro_variant == "exact":
-            values[pro_key] = _number(metrics.au_pro_from_counts(counts, options.pro_limit))
+            values[pro_key] = number(metrics.au_pro_from_counts(counts, options.pro_limit))
         else:
-            values[pro_key] = _number(metrics.legacy_pro(data.maps, data.masks, options.pro_limit))
+            values[pro_key] = number(metrics.legacy_pro(data.maps, data.masks, options.pro_limit))
         if values[PIXEL_AUROC] is None or values[pro_key] is None:
             warn(f"class {data.name}: no anomalous or no normal pixels; pixel metrics are NaN")
     return {**values, "images": int(data.labels.size), "anomalous": anomalous, "pixel_metrics": data.maps is not None}
@@ -92,10 +88,7 @@ def build_document(
         log(f"[yellow]warning:[/] {message}", options.quiet)
 
     per_class = {data.name: evaluate_class(data, options, warn) for data in classes}
-    mean: dict[str, Any] = {}
-    for key in options.metric_keys():
-        value, covered = metrics.nan_mean([math.nan if c[key] is None else c[key] for c in per_class.values()])
-        mean[key] = {"value": _number(value), "classes": covered, "of": len(per_class)}
+    mean = mean_row(per_class, options.metric_keys())
     return {
         "schema": SCHEMA,
         "source": source,

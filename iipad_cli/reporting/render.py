@@ -10,6 +10,7 @@ from rich.table import Table
 
 from iipad_cli.reporting.columns import CAPTION, HEADERS
 from iipad_cli.reporting.decisions import csv_columns
+from iipad_cli.reporting.values import csv_value
 
 
 def to_csv(document: dict[str, Any]) -> str:
@@ -25,20 +26,16 @@ def to_csv(document: dict[str, Any]) -> str:
     if multi:
         writer.writerow(["class", *[f"{k}_{s}" for k in keys for s in ("mean", "std")], "runs", *extra_header])
         for name, cells in [*document["classes"].items(), ("mean", document["mean"])]:
-            values = [_csv(cells[k][s]) for k in keys for s in ("mean", "std")]
+            values = [csv_value(cells[k][s]) for k in keys for s in ("mean", "std")]
             writer.writerow([name, *values, len(document["runs"]), *extra.get(name, blank)])
     else:
         writer.writerow(["class", *keys, "images", "anomalous", *extra_header])
         for name, cells in document["classes"].items():
-            writer.writerow([name, *[_csv(cells[k]) for k in keys], cells["images"], cells["anomalous"], *extra.get(name, blank)])
+            writer.writerow([name, *[csv_value(cells[k]) for k in keys], cells["images"], cells["anomalous"], *extra.get(name, blank)])
         mean = document["mean"]
-        writer.writerow(["mean", *[_csv(mean[k]["value"]) for k in keys], "", "", *extra.get("mean", blank)])
+        writer.writerow(["mean", *[csv_value(mean[k]["value"]) for k in keys], "", "", *extra.get("mean", blank)])
         writer.writerow(["mean_classes_covered", *[mean[k]["classes"] for k in keys], "", "", *blank])
     return buffer.getvalue()
-
-
-def _csv(value: float | None) -> str:
-    return "nan" if value is None else repr(float(value))
 
 
 def _percent(value: float | None) -> str:
