@@ -29,6 +29,7 @@ from iipad_cli.models.registry import get_spec
 from iipad_cli.schema.banks import Banks, load_banks, read_banks_metadata
 from iipad_cli.schema.features import FEATURE_FIELDS, check_backbone_weights, features_precision, load_features_attrs, open_features
 from iipad_cli.schema.generator import load_generator
+from iipad_cli.stages.encoding import fp16_features
 
 
 @dataclass
@@ -144,9 +145,7 @@ def encode_for_scoring(models: RunModels, images: Sequence[Tensor]) -> dict[str,
     """Preprocessed images (3, S, S) -> feature tensors as `score` sees them: encoded by the run's
     frozen backbone, then rounded to the fp16 that features.h5 stores (the run's test images were
     scored from those), as float32 on the device."""
-    with torch.inference_mode():
-        encoded = models.backbone.encode_images(torch.stack(list(images)).to(models.device))
-    return {name: getattr(encoded, name).half().float() for name in FEATURE_FIELDS}
+    return {name: values.float() for name, values in fp16_features(models.backbone, torch.stack(list(images))).items()}
 
 
 def check_finite_features(features: dict[str, Tensor], names: Sequence[str], where: str, run_dir: Path | None = None) -> None:

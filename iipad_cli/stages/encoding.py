@@ -133,6 +133,15 @@ def feature_shapes(spec: BackboneSpec) -> FeatureShapes:
     )
 
 
+def fp16_features(backbone: Backbone, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Preprocessed images (N, 3, S, S) -> each stored feature, rounded to the fp16 that the
+    store and features.h5 hold, on the backbone's device. `extract` stores these and `predict`
+    scores them, which is why a test image gets the same map through either."""
+    with torch.inference_mode():
+        encoded = backbone.encode_images(images.to(backbone.device))
+        return {name: getattr(encoded, name).half() for name in FEATURE_FIELDS}
+
+
 def bytes_per_image(shapes: FeatureShapes, resolution: int) -> int:
     """fp16 features + the test mask + room for the strings and the chunk index, per image."""
     return row_bytes(shapes.by_field()) + resolution * resolution + 1024
@@ -190,9 +199,7 @@ def encode_into_store(
         if batch.error is not None:
             raise IipadError(batch.error)
         assert batch.images is not None
-        with torch.inference_mode():
-            encoded = backbone.encode_images(batch.images.to(backbone.device))
-        features = {name: getattr(encoded, name).to(torch.float16).cpu().numpy() for name in FEATURE_FIELDS}
+        features = {name: values.cpu().numpy() for name, values in fp16_features(backbone, batch.images).items()}
         _check_finite(features, [samples[i] for i in batch.indices])
         writer.add([contents[i] for i in batch.indices], features)
         on_batch(len(batch.indices))
